@@ -1,0 +1,93 @@
+"""``python -m service``: serve the app with hypercorn.
+
+HTTP/1.1 and h2c (prior knowledge) share the port; with ``--certfile``/``--keyfile`` (or
+``STREAMER_CERTFILE``/``STREAMER_KEYFILE``) it serves TLS with HTTP/2 negotiated by ALPN.
+On SIGTERM/SIGINT live sessions end with ``end {reason: "shutdown"}`` before hypercorn's own
+graceful shutdown, so SSE subscribers see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from service.app import create_app, shutdown_sessions
+from service.settings import Settings
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m service", description=__doc__.splitlines()[0])
+    p.add_argument("--host", help="bind address (default 127.0.0.1, env STREAMER_HOST)")
+    p.add_argument("--port", type=int, help="port (default 8000, env PORT or STREAMER_PORT)")
+    p.add_argument("--workers", type=int, help="worker processes (default 1)")
+    p.add_argument("--certfile", help="TLS certificate (PEM): serves HTTPS with HTTP/2")
+    p.add_argument("--keyfile", help="TLS private key (PEM)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (env STREAMER_LOG_LEVEL)")
+    return p.parse_args(argv)
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.certfile = settings.certfile
+    config.keyfile = settings.keyfile
+    config.alpn_protocols = ["h2", "http/1.1"]
+    config.graceful_timeout = settings.shutdown_grace_seconds
+    config.accesslog = None
+    config.errorlog = "-"
+    config.loglevel = settings.log_level
+    # Audio bodies are streamed and limited by the session; headers stay small.
+    config.h11_max_incomplete_size = 64 * 1024
+    config.websocket_max_message_size = 16 * 1024 * 1024
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "workers": args.workers,
+            "certfile": args.certfile,
+            "keyfile": args.keyfile,
+            "log_level": args.log_level,
+        }.items()
+        if v is not None
+    }
+    settings = Settings.from_env(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if settings.workers != 1:
+        sys.exit("--workers > 1 needs a shared event log (REDIS_URL); not supported yet")
+    app = create_app(settings)
+    asyncio.run(_serve(app, settings))
+
+
+async def _serve(app: object, settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        logging.getLogger("service").info("shutting down: ending live sessions")
+        await shutdown_sessions(app)  # type: ignore[arg-type]
+
+    await serve(app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""``GET /v1/sessions/{id}/events``: the session's event log as Server-Sent Events.
+
+A late subscriber gets the whole log, ``Last-Event-ID`` (header, or ``?last_event_id=`` for
+clients that cannot set headers) resumes after that id, and the stream ends after ``end``.
+sse-starlette writes the stream, pings idle connections and times out a reader that stops
+reading; the resume logic is ours because sse-starlette has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.api.sessions import registry_of
+from service.errors import ErrorCode, StreamerError
+from service.events.encode import to_json
+from service.events.log import EventLog
+
+RETRY_MS = 1000
+
+
+def resume_after(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StreamerError(
+            ErrorCode.INVALID_MESSAGE,
+            f"Last-Event-ID must be an event id from this stream, got {raw!r}",
+        ) from None
+    return max(0, value)
+
+
+async def stream_events(request: Request) -> Response:
+    registry = registry_of(request)
+    session = registry.get(request.path_params["session_id"])
+    after = resume_after(request)
+    settings = registry.runtime.settings
+    events = registry.runtime.observer.subscriber(_events(session.log, after))
+    return EventSourceResponse(
+        events,
+        ping=settings.sse_ping_seconds,
+        # A reader that stops reading is dropped after this; the log never waits for it.
+        send_timeout=settings.sse_send_timeout_seconds,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        shutdown_event=request.app.state.shutdown_event,
+        shutdown_grace_period=settings.shutdown_grace_seconds,
+    )
+
+
+async def _events(log: EventLog, after: int) -> AsyncIterator[ServerSentEvent]:
+    first = True
+    async for event in log.follow(after):
+        yield ServerSentEvent(
+            data=to_json(event.data),
+            event=event.type,
+            id=str(event.id),
+            retry=RETRY_MS if first else None,
+            sep="\n",  # reads cleanly in `curl -N`; CRLF and LF are both valid SSE
+        )
+        first = False

@@ -1,0 +1,65 @@
+"""``POST``/``PUT /v1/sessions/{id}/audio``: the request body streams into the session.
+
+Works with HTTP/1.1 chunked (``curl -X POST -T -``), a sized body (``curl -T file``, a PUT) and
+HTTP/2 DATA frames. Bytes are handed on as they arrive; the response comes after the pipeline has
+drained and summarises the session.
+"""
+
+from __future__ import annotations
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.api.responses import error_response
+from service.api.sessions import links, registry_of
+from service.config import parse_query_format
+from service.errors import ErrorCode, StreamerError
+from service.session.session import EndReason, InputClosed, Session
+
+
+async def upload_audio(request: Request) -> Response:
+    registry = registry_of(request)
+    session = registry.get(request.path_params["session_id"])
+    fmt = parse_query_format(request.query_params)
+    registry.start(session, fmt if fmt is not None else session.config.format)
+    await pump(request, session)
+    with anyio.CancelScope(shield=True):
+        await session.done.wait()
+    body = {"id": session.id, **session.status(), **links(request, session)}
+    if session.error is not None:
+        return error_response(session.error, session=body)
+    return JSONResponse(body)
+
+
+async def pump(request: Request, session: Session) -> None:
+    """Read the body into the session until it ends, the client leaves, or the session stops
+    taking input. Reads ``receive`` directly so each wait can carry the idle timeout."""
+    idle = session.runtime.settings.idle_timeout_seconds
+    receive = request.receive
+    try:
+        while True:
+            with anyio.move_on_after(idle) as scope:
+                message = await receive()
+            if scope.cancelled_caught:
+                await session.fail_input(
+                    StreamerError(
+                        ErrorCode.IDLE_TIMEOUT, f"no audio received for {idle:g} s; upload closed"
+                    ),
+                    EndReason.IDLE_TIMEOUT,
+                )
+                return
+            if message["type"] == "http.disconnect":
+                session.close_input(EndReason.CLIENT_DISCONNECTED)
+                return
+            body: bytes = message.get("body", b"")
+            if body:
+                await session.write(body)
+            if not message.get("more_body", False):
+                session.close_input(EndReason.COMPLETED)
+                return
+    except InputClosed:
+        return
+    finally:
+        # Whatever happened (including cancellation), the session must not wait for more input.
+        session.close_input(EndReason.CLIENT_DISCONNECTED)

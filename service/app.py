@@ -1,0 +1,115 @@
+"""The application factory. Nothing happens at import: the VAD model, the user's model and the
+session registry are created in the lifespan, from the settings passed in."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route, WebSocketRoute
+
+from service.api import health, sessions, sse, upload, web, websocket
+from service.api.responses import http_error_handler, internal_error_handler, streamer_error_handler
+from service.api.security import ApiKeyMiddleware
+from service.errors import StreamerError
+from service.model.base import load_model
+from service.model.runner import ModelRunner
+from service.runtime import Runtime
+from service.session.observer import SessionObserver
+from service.session.registry import Registry
+from service.settings import Settings
+from service.vad.batcher import VadBatcher
+from service.vad.silero import load_session
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None, *, observer: SessionObserver | None = None
+) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        onnx = await anyio.to_thread.run_sync(load_session)
+        model = await anyio.to_thread.run_sync(load_model, settings.model, settings.model_options)
+        runtime = Runtime(
+            settings=settings,
+            batcher=VadBatcher(
+                onnx,
+                max_batch=settings.vad_max_batch,
+                max_wait_s=settings.vad_max_wait_ms / 1000,
+                limiter=anyio.CapacityLimiter(settings.vad_threads),
+            ),
+            models=ModelRunner(
+                model,
+                anyio.CapacityLimiter(settings.model_threads),
+                max_in_flight_per_session=settings.model_in_flight_per_session,
+            ),
+            observer=observer or SessionObserver(),
+        )
+        # sse-starlette only detects uvicorn's shutdown; under hypercorn we set this ourselves.
+        app.state.shutdown_event = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runtime.batcher.run)
+            app.state.registry = Registry(runtime, tg)
+            log.info("ready", extra={"model": settings.model})
+            try:
+                yield
+            finally:
+                await shutdown_sessions(app)
+                tg.cancel_scope.cancel()
+
+    routes = [
+        Route("/healthz", health.healthz),
+        Route("/readyz", health.readyz),
+        Route("/v1/sessions", sessions.create_session, methods=["POST"]),
+        Route("/v1/sessions/{session_id}", sessions.get_session, methods=["GET"]),
+        Route("/v1/sessions/{session_id}", sessions.delete_session, methods=["DELETE"]),
+        Route("/v1/sessions/{session_id}/audio", upload.upload_audio, methods=["POST", "PUT"]),
+        Route("/v1/sessions/{session_id}/events", sse.stream_events, methods=["GET"]),
+        WebSocketRoute("/v1/ws", websocket.v1_ws),
+        WebSocketRoute("/api/v1/segmented", websocket.seed_segmented),
+        WebSocketRoute("/api/v1/simple", websocket.seed_simple),
+        *web.routes(),  # last: the page at "/" must never shadow an API route
+    ]
+    middleware = [Middleware(ApiKeyMiddleware, api_key=settings.api_key)]
+    if settings.cors_origins:
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                expose_headers=["Location"],
+            ),
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            StreamerError: streamer_error_handler,
+            HTTPException: http_error_handler,
+            Exception: internal_error_handler,
+        },
+    )
+    app.state.settings = settings
+    return app
+
+
+async def shutdown_sessions(app: Starlette) -> None:
+    """End every live session with ``end {reason: "shutdown"}`` (subscribers see it), then
+    release SSE streams. Safe to call twice (signal handler, then lifespan)."""
+    registry: Registry | None = getattr(app.state, "registry", None)
+    if registry is None:
+        return
+    await registry.shutdown(app.state.settings.shutdown_grace_seconds)
+    app.state.shutdown_event.set()

@@ -1,0 +1,139 @@
+"""The upload's bytes as the decoder consumes them: arrival times, a byte count, and a look-ahead.
+
+Sniffing a format means reading ahead and then handing everything read so far to whichever
+decoder the bytes call for; :class:`ByteSource` allows that with ``push_back`` and :class:`Head`
+keeps the look-ahead bytes so they can be parsed in place or replayed to FFmpeg.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+
+from service.errors import ErrorCode, StreamerError
+
+# Upper bound on look-ahead kept for sniffing and header parsing: headers are small, and a
+# pathological one (a huge chunk ahead of the audio) must not buffer the upload in memory.
+MAX_HEAD_BYTES = 1 << 20
+
+
+class ByteSource:
+    """Pulls non-empty byte chunks from an async iterable, one task at a time.
+
+    ``received_at`` is the ``time.monotonic()`` at which the most recent chunk arrived: the bytes
+    that complete any audio decoded so far arrived no later than that.
+    """
+
+    def __init__(self, source: AsyncIterable[bytes]) -> None:
+        self._it: AsyncIterator[bytes] = aiter(source)
+        self._pushed: list[bytes] = []
+        self._exhausted = False
+        self.bytes_in = 0
+        self.received_at = time.monotonic()
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted and not self._pushed
+
+    async def pull(self) -> bytes | None:
+        """The next non-empty chunk (pushed-back bytes first), or ``None`` at the end."""
+        if self._pushed:
+            return self._pushed.pop()
+        if self._exhausted:
+            return None
+        while True:
+            try:
+                data = await anext(self._it)
+            except StopAsyncIteration:
+                self._exhausted = True
+                return None
+            if data:
+                self.received_at = time.monotonic()
+                self.bytes_in += len(data)
+                return bytes(data)
+
+    def push_back(self, data: bytes) -> None:
+        """Make ``data`` the next chunk :meth:`pull` returns (bytes already counted)."""
+        if data:
+            self._pushed.append(data)
+
+    async def drain(self) -> None:
+        """Consume the rest of the upload, so a sender is never left blocked on us."""
+        while await self.pull() is not None:
+            pass
+
+
+class Head:
+    """A growing look-ahead buffer over a :class:`ByteSource`, read with a cursor.
+
+    Everything pulled stays in ``buffer`` (up to ``MAX_HEAD_BYTES``) so it can be replayed to
+    FFmpeg if the format turns out to be one we do not parse ourselves.
+    """
+
+    def __init__(self, src: ByteSource) -> None:
+        self.src = src
+        self.buffer = bytearray()
+        self.pos = 0
+        # False once skipped bytes had to be dropped: the head can then no longer be replayed.
+        self.replayable = True
+
+    @property
+    def available(self) -> int:
+        return len(self.buffer) - self.pos
+
+    async def fill(self, n: int) -> bool:
+        """Make ``n`` bytes available after the cursor; False if the upload ends first."""
+        while self.available < n:
+            data = await self.src.pull()
+            if data is None:
+                return False
+            self.buffer += data
+            if len(self.buffer) > MAX_HEAD_BYTES and self.pos > 0:
+                self._drop_consumed()
+        return True
+
+    def peek(self, n: int) -> bytes:
+        return bytes(self.buffer[self.pos : self.pos + n])
+
+    async def read(self, n: int) -> bytes | None:
+        """Exactly ``n`` bytes, or ``None`` if the upload ends first."""
+        if not await self.fill(n):
+            return None
+        data = bytes(self.buffer[self.pos : self.pos + n])
+        self.pos += n
+        return data
+
+    async def skip(self, n: int) -> bool:
+        """Move the cursor ``n`` bytes on without keeping them all; False at the end."""
+        while n > 0:
+            if self.available == 0 and not await self.fill(1):
+                return False
+            step = min(n, self.available)
+            self.pos += step
+            n -= step
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                self._drop_consumed()
+        return True
+
+    def rest(self) -> bytes:
+        """The bytes pulled but not yet consumed by the cursor."""
+        return bytes(self.buffer[self.pos :])
+
+    def replay(self) -> bytes:
+        """Everything pulled so far, from the first byte of the upload."""
+        if not self.replayable:
+            raise StreamerError(
+                ErrorCode.UNSUPPORTED_FORMAT,
+                f"the header is larger than {MAX_HEAD_BYTES} bytes and cannot be handed to "
+                "FFmpeg after parsing it",
+            )
+        return bytes(self.buffer)
+
+    def _drop_consumed(self) -> None:
+        del self.buffer[: self.pos]
+        self.pos = 0
+        self.replayable = False
+
+
+def too_large(what: str, limit: int) -> StreamerError:
+    return StreamerError(ErrorCode.PAYLOAD_TOO_LARGE, f"{what} is larger than {limit} bytes")

@@ -1,0 +1,18 @@
+"""What every session shares, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.model.runner import ModelRunner
+from service.session.observer import SessionObserver
+from service.settings import Settings
+from service.vad.batcher import VadBatcher
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    settings: Settings
+    batcher: VadBatcher
+    models: ModelRunner
+    observer: SessionObserver

@@ -1,0 +1,1 @@
+"""Sessions: one pipeline (one anyio task group) per audio stream, held by one registry."""

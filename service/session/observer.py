@@ -1,0 +1,39 @@
+"""Hooks a session calls at the moments operators care about; metrics and tracing implement them.
+The default does nothing, so the pipeline never depends on observability being configured."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from service.events.types import Event
+    from service.session.session import Session
+
+T = TypeVar("T")
+
+
+class SessionObserver:
+    def session_created(self, session: Session) -> None:
+        pass
+
+    def session_started(self, session: Session) -> None:
+        pass
+
+    def session_ended(self, session: Session) -> None:
+        pass
+
+    def bytes_received(self, session: Session, n: int) -> None:
+        pass
+
+    def event_emitted(self, session: Session, event: Event, lag_s: float | None) -> None:
+        pass
+
+    def stage(self, session: Session, name: str) -> AbstractContextManager[Any]:
+        """Wraps a pipeline stage ("decode", "vad", "model") for its whole life, e.g. a span."""
+        return nullcontext()
+
+    def subscriber(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+        """Wraps one SSE subscriber's stream, e.g. to count live subscribers."""
+        return events

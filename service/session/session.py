@@ -1,0 +1,306 @@
+"""One session: ingest -> decode -> VAD/segmenter (or simple chunker) -> model -> event log.
+
+The stages run in one task group joined by bounded memory object streams. Closing the input
+(end of upload, client gone, limit reached, shutdown) drains the pipeline, so every byte
+received is decoded, segmented and sent to the model before the ``end`` event; only an explicit
+cancel (``DELETE``, or a shutdown past its grace period) stops it short.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from service.audio.chunk import AudioChunk
+from service.audio.decoder import DecodeResult, decode
+from service.config import MODEL_SAMPLE_RATE, PcmFormat, SessionConfig, config_to_dict
+from service.errors import ErrorCode, StreamerError
+from service.events.log import EventLog
+from service.events.types import End, Error, Event, Segment
+from service.model.simple import simple_stage
+from service.vad.speech import VadOutput
+from service.vad.stage import vad_stage
+
+if TYPE_CHECKING:
+    from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 random bits
+
+
+class SessionState(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class EndReason(StrEnum):
+    COMPLETED = "completed"  # the client ended the upload
+    CLIENT_DISCONNECTED = "client_disconnected"
+    CANCELLED = "cancelled"  # DELETE
+    ERROR = "error"  # bad audio or an internal failure; an error event says which
+    SHUTDOWN = "shutdown"
+    IDLE_TIMEOUT = "idle_timeout"
+    DURATION_EXCEEDED = "duration_exceeded"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSTARTED_TIMEOUT = "unstarted_timeout"
+
+
+class InputClosed(Exception):
+    """The session no longer takes audio (its pipeline ended or was stopped)."""
+
+
+@dataclass
+class Counters:
+    bytes_in: int = 0
+    samples: int = 0
+    channels: int = 0
+    finals: int = 0
+    interims: int = 0
+    errors: int = 0
+    events: int = 0
+
+
+class Session:
+    def __init__(self, session_id: str, config: SessionConfig, log_: EventLog, runtime: Runtime):
+        self.id = session_id
+        self.config = config
+        self.log = log_
+        self.runtime = runtime
+        self.state = SessionState.CREATED
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.counters = Counters()
+        self.decode_result: DecodeResult | None = None
+        self.error: StreamerError | None = None  # the first error that ended or marred input
+        self.started = anyio.Event()
+        self.done = anyio.Event()
+        self._input: MemoryObjectSendStream[bytes] | None = None
+        self._input_reason: EndReason | None = None
+        self._cancel_reason: EndReason | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._t0 = time.monotonic()
+        self.end_reason: EndReason | None = None
+
+    # -- ingest side ---------------------------------------------------------------------------
+
+    def open_input(self, fmt: PcmFormat | None) -> MemoryObjectReceiveStream[bytes]:
+        """Claim the session's single input. Called by the registry, which runs the pipeline."""
+        if self.state is SessionState.RUNNING:
+            raise StreamerError(ErrorCode.SESSION_BUSY, "this session already has an audio upload")
+        if self.state is SessionState.ENDED or self._cancel_reason is not None:
+            raise StreamerError(ErrorCode.SESSION_ENDED, "this session has ended; create a new one")
+        if fmt is not None:
+            self.config = self.config.with_format(fmt)
+        # A few chunks of slack; past that the uploader waits (TCP/HTTP2 flow control).
+        send, receive = anyio.create_memory_object_stream[bytes](8)
+        self._input = send
+        self.state = SessionState.RUNNING
+        self.started_at = time.time()
+        self._t0 = time.monotonic()
+        self.started.set()
+        self.runtime.observer.session_started(self)
+        return receive
+
+    async def write(self, data: bytes) -> None:
+        """Feed upload bytes. Raises :class:`InputClosed` once the session takes no more."""
+        if self._input is None or self._input_reason is not None:
+            raise InputClosed
+        settings = self.runtime.settings
+        if self.counters.bytes_in + len(data) > settings.max_upload_bytes:
+            await self.fail_input(
+                StreamerError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"upload exceeds {settings.max_upload_bytes} bytes; audio up to the limit "
+                    "was processed",
+                ),
+                EndReason.PAYLOAD_TOO_LARGE,
+            )
+            raise InputClosed
+        if time.monotonic() - self._t0 > settings.max_session_seconds:
+            await self.fail_input(
+                StreamerError(
+                    ErrorCode.DURATION_EXCEEDED,
+                    f"session exceeded {settings.max_session_seconds:g} s; audio up to the "
+                    "limit was processed",
+                ),
+                EndReason.DURATION_EXCEEDED,
+            )
+            raise InputClosed
+        self.counters.bytes_in += len(data)
+        self.runtime.observer.bytes_received(self, len(data))
+        try:
+            await self._input.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise InputClosed from None
+
+    def close_input(self, reason: EndReason = EndReason.COMPLETED) -> None:
+        """End of input: the pipeline drains everything received, then the session ends."""
+        if self._input_reason is None:
+            self._input_reason = reason
+        if self._input is not None:
+            self._input.close()
+
+    async def fail_input(self, error: StreamerError, reason: EndReason) -> None:
+        """Stop taking input because of ``error`` (a limit, a protocol error); keep results."""
+        if self._input_reason is None:
+            self.error = self.error or error
+            await self.emit(Error(error.code.value, error.message))
+        self.close_input(reason)
+
+    def cancel(self, reason: EndReason = EndReason.CANCELLED) -> None:
+        """Stop now, dropping work in flight (DELETE, or shutdown past its grace period)."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        self.close_input(reason)
+        if self._scope is not None:
+            self._scope.cancel()
+        elif self.state is SessionState.CREATED:
+            self.started.set()  # wakes the registry's watcher, which ends it
+
+    # -- the pipeline --------------------------------------------------------------------------
+
+    async def run(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
+        try:
+            with anyio.CancelScope() as self._scope:
+                async with anyio.create_task_group() as tg:
+                    decoded_send, decoded_recv = anyio.create_memory_object_stream[AudioChunk](4)
+                    audio_send, audio_recv = anyio.create_memory_object_stream[AudioChunk](4)
+                    # Simple mode needs an unbuffered hand-off so audio accumulates while the
+                    # model is busy (see model/simple.py).
+                    size = 16 if self.config.mode == "segmented" else 0
+                    speech_send, speech_recv = anyio.create_memory_object_stream[VadOutput](size)
+                    tg.start_soon(self._decode, receive, decoded_send)
+                    tg.start_soon(self._count, decoded_recv, audio_send)
+                    tg.start_soon(self._segment, audio_recv, speech_send)
+                    tg.start_soon(self._model, speech_recv)
+        except Exception as exc:  # a bug in a stage must end this session only
+            log.exception("session pipeline failed", extra={"session_id": self.id})
+            self.error = self.error or StreamerError(ErrorCode.INTERNAL, "internal error")
+            with anyio.CancelScope(shield=True):
+                await self.emit(
+                    Error(ErrorCode.INTERNAL.value, f"internal error ({type(exc).__name__})")
+                )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.finish()
+
+    async def _decode(
+        self, receive: MemoryObjectReceiveStream[bytes], send: MemoryObjectSendStream[AudioChunk]
+    ) -> None:
+        with self.runtime.observer.stage(self, "decode"):
+            async with receive:
+                try:
+                    self.decode_result = await decode(receive, self.config.format, send)
+                except StreamerError as exc:
+                    self.error = self.error or exc
+                    await self.emit(Error(exc.code.value, exc.message))
+                    if self._input_reason is None:
+                        self._input_reason = EndReason.ERROR
+
+    async def _count(
+        self,
+        receive: MemoryObjectReceiveStream[AudioChunk],
+        send: MemoryObjectSendStream[AudioChunk],
+    ) -> None:
+        """Keeps the live audio position for status and the ``end`` summary, even when decoding
+        fails half way."""
+        c = self.counters
+        async with receive, send:
+            async for chunk in receive:
+                c.samples, c.channels = chunk.end, chunk.channels
+                await send.send(chunk)
+
+    async def _segment(
+        self, audio: MemoryObjectReceiveStream[AudioChunk], send: MemoryObjectSendStream[VadOutput]
+    ) -> None:
+        with self.runtime.observer.stage(self, "vad"):
+            if self.config.mode == "simple":
+                await simple_stage(audio, send)
+            else:
+                interval = (
+                    self.config.interim_interval_ms / 1000 if self.config.interim_results else None
+                )
+                await vad_stage(
+                    audio,
+                    send,
+                    batcher=self.runtime.batcher,
+                    params=self.config.vad,
+                    interim_interval_s=interval,
+                )
+
+    async def _model(self, receive: MemoryObjectReceiveStream[VadOutput]) -> None:
+        with self.runtime.observer.stage(self, "model"):
+            await self.runtime.models.run_stage(receive, self.emit)
+
+    async def emit(self, event: Event, received_at: float | None = None) -> None:
+        if self.log.closed:
+            return
+        await self.log.append(event)
+        c = self.counters
+        c.events += 1
+        if isinstance(event, Segment):
+            if event.is_final:
+                c.finals += 1
+            else:
+                c.interims += 1
+        elif isinstance(event, Error):
+            c.errors += 1
+        lag = None if received_at is None else time.monotonic() - received_at
+        self.runtime.observer.event_emitted(self, event, lag)
+
+    async def finish(self) -> None:
+        """End the session once: the ``end`` event, then close the log."""
+        if self.state is SessionState.ENDED:
+            return
+        reason = self._cancel_reason or self._input_reason or EndReason.COMPLETED
+        if self.error is not None and reason is EndReason.COMPLETED:
+            reason = EndReason.ERROR
+        self.end_reason = reason
+        self.state = SessionState.ENDED
+        self.ended_at = time.time()
+        await self.emit(End(reason.value, self.summary()))
+        await self.log.close()
+        self.runtime.observer.session_ended(self)
+        self.started.set()
+        self.done.set()
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        c = self.counters
+        d = self.decode_result
+        return {
+            "bytes": c.bytes_in,
+            "audio_seconds": round(c.samples / MODEL_SAMPLE_RATE, 3),
+            "channels": c.channels,
+            "segments": c.finals,
+            "interim_segments": c.interims,
+            "errors": c.errors,
+            "container": d.container if d else None,
+            "codec": d.codec if d else None,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "end_reason": self.end_reason.value if self.end_reason else None,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "last_event_id": self.log.last_id,
+            "config": config_to_dict(self.config),
+            **self.summary(),
+        }

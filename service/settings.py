@@ -1,0 +1,93 @@
+"""One settings object, built once from the environment and passed to ``create_app``.
+
+Every variable is ``STREAMER_<FIELD>`` (upper case); ``PORT`` is honoured too, as platforms that
+read a Procfile set it. Units are in the names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _default_model_threads() -> int:
+    return max(2, (os.cpu_count() or 2) * 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    # The model: any "module:factory"; options are the factory's keyword arguments.
+    model: str = "service.model.dummy:create"
+    model_options: Mapping[str, Any] = field(
+        default_factory=lambda: {"delay": 0.5, "constant_factor": 0.3, "jitter": 0.2}
+    )
+    model_threads: int = field(default_factory=_default_model_threads)
+    model_in_flight_per_session: int = 4
+
+    # VAD batching across sessions.
+    vad_threads: int = 1
+    vad_max_batch: int = 256
+    vad_max_wait_ms: float = 0.0
+
+    # Limits.
+    max_sessions: int = 1000
+    max_session_seconds: float = 4 * 3600.0
+    idle_timeout_seconds: float = 30.0
+    unstarted_timeout_seconds: float = 300.0
+    max_upload_bytes: int = 2 * 1024**3
+    max_config_bytes: int = 64 * 1024
+    retention_seconds: float = 300.0
+    sse_ping_seconds: float = 15.0
+    sse_send_timeout_seconds: float = 30.0
+    shutdown_grace_seconds: float = 10.0
+
+    # Security.
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+
+    log_level: str = "INFO"
+    redis_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"STREAMER_{f.name.upper()}")
+            if f.name == "port" and raw is None:
+                raw = env.get("PORT")
+            if f.name == "redis_url" and raw is None:
+                raw = env.get("REDIS_URL")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse(name: str, type_: Any, raw: str) -> Any:
+    t = str(type_)
+    try:
+        if t.startswith("int"):
+            return int(raw)
+        if t.startswith("float"):
+            return float(raw)
+        if t.startswith("Mapping"):
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object")
+            return value
+        if t.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"STREAMER_{name.upper()}={raw!r}: {exc}") from None
+    return raw

@@ -1,0 +1,1 @@
+"""VAD: Silero (ONNX via onnxruntime) probabilities, batched across sessions, and the segmenter."""

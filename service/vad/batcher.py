@@ -1,0 +1,257 @@
+"""Cross-session batching of Silero steps.
+
+Silero costs ~150-200 us per 512-sample frame at batch 1 but ~60 us per frame at batch 32, and a
+hop to a worker thread costs more than a frame (~680 us), so a session must neither run the model
+on the event loop nor hop to a thread per frame. Instead every session hands its frames to one
+:class:`VadBatcher` and awaits the probabilities; the batcher's loop takes everything pending at
+that moment and runs it in ONE worker-thread call, batching across sessions and channels.
+
+Batching comes from load, not from added latency: with ``max_wait_s == 0`` the loop never waits
+for more work, it takes what is pending now; requests that arrive while a batch is in the thread
+form the next batch. ``max_wait_s > 0`` trades latency for bigger batches (until ``max_batch``
+rows are pending or the time is up).
+
+Memory stays bounded without a queue limit: a caller awaits its result before it can send more,
+so there is at most one pending request per live session (each of at most the frames of one
+audio chunk per channel).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import anyio
+import numpy as np
+import onnxruntime as ort
+
+from service.vad.silero import CONTEXT, FRAME, Floats, VadStream, forward
+
+log = logging.getLogger(__name__)
+
+StreamFrames = tuple[VadStream, Floats]
+"""One stream and its next ``k`` frames, shape ``(k, FRAME)``, in order."""
+
+
+class VadInferenceError(RuntimeError):
+    """The model failed on a batch; every request in that batch gets one of these."""
+
+
+def run_requests(
+    session: ort.InferenceSession, groups: Sequence[Sequence[StreamFrames]], max_batch: int
+) -> list[list[Floats]]:
+    """Run every stream of every group over all its frames; return probabilities per group, per
+    stream (shape ``(k,)``). Blocking: call it in a worker thread.
+
+    Step ``t`` runs, in one ``session.run`` per ``max_batch`` rows, every stream that has a frame
+    ``t``; a stream's frames are sequential, so its state carries from step to step. Streams are
+    sorted by frame count (descending) so the rows of step ``t`` are a prefix of one state array:
+    no per-step gather. States go back to the streams only at the end, so a model error leaves
+    every stream of the batch as it was.
+    """
+    if max_batch < 1:
+        raise ValueError("max_batch must be at least 1")
+    flat = [item for group in groups for item in group]
+    if len({id(stream) for stream, _ in flat}) != len(flat):
+        raise ValueError("a stream appears twice in one batch; its frames must be sequential")
+    counts = [len(frames) for _, frames in flat]
+    results = [np.empty(k, dtype=np.float32) for k in counts]
+    order = sorted((j for j in range(len(flat)) if counts[j]), key=lambda j: -counts[j])
+    if order:
+        frames = [flat[j][1] for j in order]
+        sorted_results = [results[j] for j in order]
+        streams = [flat[j][0] for j in order]
+        state = np.concatenate([s.state for s in streams], axis=1)
+        context = np.stack([s.context for s in streams])
+        inputs = np.empty((min(max_batch, len(order)), CONTEXT + FRAME), dtype=np.float32)
+        rows = len(order)
+        for t in range(counts[order[0]]):
+            while counts[order[rows - 1]] <= t:
+                rows -= 1
+            for a in range(0, rows, max_batch):
+                b = min(a + max_batch, rows)
+                x = inputs[: b - a]
+                x[:, :CONTEXT] = context[a:b]
+                for i in range(a, b):
+                    x[i - a, CONTEXT:] = frames[i][t]
+                probs, new_state = forward(session, x, np.ascontiguousarray(state[:, a:b]))
+                state[:, a:b] = new_state
+                context[a:b] = x[:, -CONTEXT:]
+                for i in range(a, b):
+                    sorted_results[i][t] = probs[i - a]
+        for i, stream in enumerate(streams):
+            stream.state = state[:, i : i + 1].copy()
+            stream.context = context[i].copy()
+    out: list[list[Floats]] = []
+    j = 0
+    for group in groups:
+        out.append(results[j : j + len(group)])
+        j += len(group)
+    return out
+
+
+def _check(requests: Sequence[tuple[VadStream, Floats]]) -> list[StreamFrames]:
+    checked: list[StreamFrames] = []
+    for stream, frames in requests:
+        array = np.asarray(frames, dtype=np.float32)
+        if array.ndim != 2 or array.shape[1] != FRAME:
+            raise ValueError(f"frames must have shape (k, {FRAME}), got {array.shape}")
+        checked.append((stream, array))
+    if len({id(stream) for stream, _ in checked}) != len(checked):
+        raise ValueError("a stream appears twice in one request")
+    return checked
+
+
+class _Request:
+    __slots__ = ("done", "error", "items", "result")
+
+    def __init__(self, items: list[StreamFrames]) -> None:
+        self.items = items
+        self.done = anyio.Event()
+        self.result: list[Floats] | None = None
+        self.error: BaseException | None = None
+
+
+class VadBatcher:
+    """Shared by every session; :meth:`run` is started once in the app's lifespan task group.
+
+    ``limiter`` caps the worker threads: the loop keeps at most ``limiter.total_tokens`` batches
+    in flight, each in one ``anyio.to_thread.run_sync`` call. A session's streams are in at most
+    one batch at a time (it awaits its result), so concurrent batches never share a stream.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        max_batch: int = 64,
+        max_wait_s: float = 0.0,
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if not (max_wait_s >= 0 and math.isfinite(max_wait_s)):
+            raise ValueError("max_wait_s must be a finite number >= 0")
+        self.session = session
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.limiter = limiter
+        self._pending: list[_Request] = []
+        self._pending_rows = 0
+        self._in_flight = 0
+        self._running = False
+        self._changed = anyio.Event()  # set when work arrives or a batch finishes
+        # For metrics and tests.
+        self.batches = 0
+        self.frames = 0
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def infer_sync(self, requests: Sequence[tuple[VadStream, Floats]]) -> list[Floats]:
+        """Blocking, in the calling thread, without the loop (tests, benchmarks). Must not be
+        used on streams that are in an :meth:`infer` call at the same time."""
+        return run_requests(self.session, [_check(requests)], self.max_batch)[0]
+
+    async def infer(self, requests: Sequence[tuple[VadStream, Floats]]) -> list[Floats]:
+        """Probabilities for one session: for each ``(stream, frames (k, FRAME))`` an array
+        ``(k,)``. Raises :class:`VadInferenceError` if the model failed on the batch.
+
+        If the loop is not running (a unit test, or after shutdown) the request runs on its own
+        in a worker thread, unbatched, rather than waiting for a loop that will never come.
+        If the caller is cancelled while its request is in a batch, the batch still runs and
+        its streams advance; the session is being torn down then anyway.
+        """
+        items = _check(requests)
+        if not any(len(frames) for _, frames in items):
+            return [np.zeros(0, dtype=np.float32) for _ in items]
+        if not self._running:
+            try:
+                groups = await anyio.to_thread.run_sync(
+                    run_requests, self.session, [items], self.max_batch, limiter=self.limiter
+                )
+            except Exception as exc:
+                raise VadInferenceError(f"VAD inference failed: {exc!r}") from exc
+            return groups[0]
+        request = _Request(items)
+        self._pending.append(request)
+        self._pending_rows += len(items)
+        self._notify()
+        try:
+            await request.done.wait()
+        except BaseException:
+            if request in self._pending:  # not taken yet: nobody else will ever look at it
+                self._pending.remove(request)
+                self._pending_rows -= len(items)
+            raise
+        if request.error is not None:
+            raise VadInferenceError(f"VAD inference failed: {request.error!r}") from request.error
+        assert request.result is not None
+        return request.result
+
+    async def run(self) -> None:
+        """The batching loop; runs until cancelled. Sleeps on an event while there is no work
+        (no polling). A failing batch fails only its requests."""
+        if self._running:
+            raise RuntimeError("VadBatcher.run is already running")
+        self._running = True
+        try:
+            async with anyio.create_task_group() as tg:
+                while True:
+                    await self._wait_for_work()
+                    if self.max_wait_s > 0:
+                        await self._gather()
+                    batch, self._pending, self._pending_rows = self._pending, [], 0
+                    self._in_flight += 1
+                    tg.start_soon(self._execute, batch)
+        finally:
+            self._running = False
+            pending, self._pending, self._pending_rows = self._pending, [], 0
+            for request in pending:
+                request.error = RuntimeError("the VAD batcher stopped")
+                request.done.set()
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    async def _wait_changed(self) -> None:
+        # Safe without a lock: nothing else runs between the caller's check and this wait.
+        self._changed = anyio.Event()
+        await self._changed.wait()
+
+    async def _wait_for_work(self) -> None:
+        while not self._pending or self._in_flight >= self.limiter.total_tokens:
+            await self._wait_changed()
+
+    async def _gather(self) -> None:
+        with anyio.move_on_after(self.max_wait_s):
+            while self._pending_rows < self.max_batch:
+                await self._wait_changed()
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        try:
+            groups = await anyio.to_thread.run_sync(
+                run_requests,
+                self.session,
+                [r.items for r in batch],
+                self.max_batch,
+                limiter=self.limiter,
+            )
+        except Exception as exc:
+            log.exception("VAD batch failed", extra={"requests": len(batch)})
+            for request in batch:
+                request.error = exc
+        else:
+            self.batches += 1
+            self.frames += sum(len(frames) for r in batch for _, frames in r.items)
+            for request, result in zip(batch, groups, strict=True):
+                request.result = result
+        finally:
+            for request in batch:
+                if request.result is None and request.error is None:
+                    request.error = RuntimeError("the VAD batcher stopped")
+                request.done.set()
+            self._in_flight -= 1
+            self._notify()

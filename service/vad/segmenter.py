@@ -1,0 +1,213 @@
+"""The segmentation state machine of one channel: speech probabilities in, utterances out.
+
+It follows silero-rs ``VadSession`` (what the seed uses), on 512-sample frames:
+
+- Silence: a frame with ``prob > positive_threshold`` opens a candidate utterance starting
+  ``pre_speech_pad`` before that frame, but never before the end of the previous utterance (so
+  no audio goes to the model twice) nor before the stream's first sample.
+- Speech: every frame adds to the speech time; once it exceeds ``min_speech`` the utterance is
+  confirmed and :class:`SpeechStarted` goes out. Frames with ``prob < negative_threshold`` make
+  a silent run (any other frame resets it). A silent frame drops an unconfirmed candidate
+  silently; a confirmed utterance ends once the silent run exceeds ``redemption``, at the end of
+  its last non-silent frame, with :class:`SpeechEnded` and then the final :class:`SpeechAudio`.
+- A confirmed utterance never exceeds ``max_segment``: at that length it is cut and a new one
+  starts at the very same sample, so nothing is lost or duplicated. If the speaker is already
+  in a silent run at that point (the voiced part ends before the cut) the utterance simply ends
+  there, as redemption would have ended it; starting a new utterance made only of silence would
+  hand the model empty audio.
+
+Positions are sample indices since the session's first sample. Only the audio that can still
+be needed is kept: while silent, the last ``pre_speech_pad`` samples; while speaking, the
+utterance so far (at most ``max_segment`` plus one frame).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.audio.chunk import Samples
+from service.config import MODEL_SAMPLE_RATE, VadParams
+from service.vad.silero import FRAME
+from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
+
+
+def ms_to_samples(ms: int) -> int:
+    return ms * MODEL_SAMPLE_RATE // 1000
+
+
+class _AudioWindow:
+    """Samples ``[start, end)`` of one channel in a growable array: appends at the end and drops
+    from the front are amortised O(1) per sample; the array stays within four times what is
+    kept."""
+
+    __slots__ = ("_data", "_hi", "_lo", "start")
+
+    def __init__(self, start: int) -> None:
+        self._data: Samples = np.zeros(8 * FRAME, dtype=np.float32)
+        self._lo = 0  # index in _data of the sample at position `start`
+        self._hi = 0
+        self.start = start
+
+    @property
+    def end(self) -> int:
+        return self.start + self._hi - self._lo
+
+    def append(self, samples: Samples) -> None:
+        n = len(samples)
+        if self._hi + n > len(self._data):
+            kept = self._hi - self._lo
+            size = len(self._data)
+            while kept + n > size // 2:
+                size *= 2
+            data = np.empty(size, dtype=np.float32) if size != len(self._data) else self._data
+            data[:kept] = self._data[self._lo : self._hi]
+            self._data, self._lo, self._hi = data, 0, kept
+        self._data[self._hi : self._hi + n] = samples
+        self._hi += n
+
+    def drop_before(self, position: int) -> None:
+        k = min(max(position - self.start, 0), self._hi - self._lo)
+        self._lo += k
+        self.start += k
+
+    def copy(self, start: int, end: int) -> Samples:
+        if not self.start <= start <= end <= self.end:
+            raise ValueError(f"[{start}, {end}) is not within [{self.start}, {self.end})")
+        lo = self._lo + start - self.start
+        return self._data[lo : lo + end - start].copy()
+
+
+class Segmenter:
+    """One channel's state machine. Feed every frame in order with :meth:`push`, then call
+    :meth:`finish` once at the end of the stream. Pure: no I/O, no model."""
+
+    def __init__(self, params: VadParams, channel: int = 0, *, start: int = 0) -> None:
+        self.params = params
+        self.channel = channel
+        self._pad = ms_to_samples(params.pre_speech_pad_ms)
+        self._redemption = ms_to_samples(params.redemption_ms)
+        self._min_speech = ms_to_samples(params.min_speech_ms)
+        self._max_segment = max(ms_to_samples(params.max_segment_ms), 1)
+        self._first = start  # the stream's first sample: the pre-speech pad stops there
+        self._position = start  # end of the audio seen so far
+        self._audio = _AudioWindow(start)
+        self._in_speech = False  # a candidate or confirmed utterance is open
+        self._confirmed = False
+        self._start = 0  # of the open utterance
+        self._speech_time = 0
+        self._silent_run = 0
+        self._previous_end = start
+        self._utterance = 0  # number of the open (or next) utterance
+        self._closed = False  # after a partial frame or finish(): nothing more may come
+        self.utterances = 0  # completed (final) utterances
+        self.speech_samples = 0  # total length of the final utterances
+
+    @property
+    def position(self) -> int:
+        """End of the audio processed so far (real samples only)."""
+        return self._position
+
+    @property
+    def speaking(self) -> bool:
+        """A confirmed utterance is open."""
+        return self._in_speech and self._confirmed
+
+    def current_speech(self) -> tuple[int, int, int, Samples] | None:
+        """``(utterance, start, end, audio)`` of the open confirmed utterance so far, for interim
+        results; ``None`` when not speaking."""
+        if not self.speaking:
+            return None
+        return (
+            self._utterance,
+            self._start,
+            self._position,
+            self._audio.copy(self._start, self._position),
+        )
+
+    def push(
+        self, frame: Samples, prob: float, received_at: float, *, valid: int | None = None
+    ) -> list[VadOutput]:
+        """One frame and its speech probability. ``valid`` is how many leading samples are real
+        when the last, partial frame was zero-padded for the model: only those count as time
+        and audio, and no frame may follow it."""
+        if self._closed:
+            raise RuntimeError("no frame may follow a partial frame or finish()")
+        n = len(frame) if valid is None else valid
+        if not 0 < n <= len(frame):
+            raise ValueError(f"valid must be in 1..{len(frame)}, got {valid}")
+        if n < len(frame):
+            self._closed = True
+        frame_start = self._position
+        frame_end = frame_start + n
+        self._audio.append(frame[:n])
+        self._position = frame_end
+        out: list[VadOutput] = []
+        p = self.params
+
+        if prob < p.negative_threshold:
+            self._silent_run += n
+        else:
+            self._silent_run = 0
+
+        if not self._in_speech:
+            if prob > p.positive_threshold:
+                self._in_speech = True
+                self._confirmed = False
+                self._speech_time = 0
+                self._start = max(frame_start - self._pad, self._previous_end, self._first)
+        else:
+            self._speech_time += n
+            if not self._confirmed and self._speech_time > self._min_speech:
+                self._confirmed = True
+                out.append(SpeechStarted(self.channel, self._utterance, self._start, received_at))
+            if prob < p.negative_threshold:
+                if not self._confirmed:
+                    self._in_speech = False
+                elif self._silent_run > self._redemption:
+                    self._close(frame_end - self._silent_run, received_at, out)
+
+        while self.speaking and frame_end - self._start >= self._max_segment:
+            cut = self._start + self._max_segment
+            voiced_end = frame_end - self._silent_run
+            if voiced_end <= cut:
+                self._close(voiced_end, received_at, out)
+            else:
+                self._close(cut, received_at, out)
+                self._in_speech = self._confirmed = True
+                self._start = cut
+                out.append(SpeechStarted(self.channel, self._utterance, cut, received_at))
+
+        self._trim()
+        return out
+
+    def finish(self, received_at: float) -> list[VadOutput]:
+        """End of stream: an open confirmed utterance ends at the last real sample (the speaker
+        may have been cut off mid-word, so the trailing silent run is kept rather than dropped);
+        an unconfirmed candidate is shorter than ``min_speech`` and is dropped."""
+        self._closed = True
+        out: list[VadOutput] = []
+        if self.speaking:
+            self._close(self._position, received_at, out)
+        self._in_speech = False
+        return out
+
+    def _close(self, end: int, received_at: float, out: list[VadOutput]) -> None:
+        audio = self._audio.copy(self._start, end)
+        out.append(SpeechEnded(self.channel, self._utterance, end, received_at))
+        out.append(
+            SpeechAudio(self.channel, self._utterance, self._start, end, audio, True, received_at)
+        )
+        self.utterances += 1
+        self.speech_samples += end - self._start
+        self._utterance += 1
+        self._previous_end = end
+        self._in_speech = self._confirmed = False
+
+    def _trim(self) -> None:
+        if self._in_speech:
+            keep_from = self._start
+        else:
+            # A new utterance can start at most pre_speech_pad before the next frame, and never
+            # before the previous utterance's end.
+            keep_from = max(self._position - self._pad, self._previous_end)
+        self._audio.drop_before(keep_from)

@@ -1,0 +1,114 @@
+"""Silero VAD v5 through onnxruntime: loading the model and running batched steps.
+
+The ``silero-vad`` package is only the carrier of ``silero_vad.onnx``: importing it would import
+torch, so the file is found through the distribution's file list instead.
+
+One :class:`onnxruntime.InferenceSession` serves every stream (``run`` is thread-safe); all the
+per-stream memory lives in :class:`VadStream`: the recurrent state and the 64-sample context. The
+model v5 takes ``input`` float32 ``[B, 64 + 512]`` (the context prepended to the new frame),
+``state`` float32 ``[2, B, 128]`` and ``sr`` int64 scalar, and returns ``output`` ``[B, 1]`` (the
+speech probability) and ``stateN`` ``[2, B, 128]``. Without the context the model finds no speech
+at all, so it is not optional. Rows of a batch are independent: a batch of B streams gives the
+same probabilities as B runs of one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+SAMPLE_RATE = 16_000
+FRAME = 512  # samples per model step at 16 kHz (32 ms)
+CONTEXT = 64  # samples of the previous frame the model sees before each new frame
+STATE_SIZE = 128
+MODEL_FILE = "silero_vad.onnx"
+DISTRIBUTION = "silero-vad"
+
+Floats = npt.NDArray[np.float32]
+
+
+def model_path() -> Path:
+    """Where the installed ``silero-vad`` distribution keeps ``silero_vad.onnx``."""
+    try:
+        dist = importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(f"the {DISTRIBUTION!r} distribution is not installed") from exc
+    for file in dist.files or ():
+        if file.name == MODEL_FILE:
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{MODEL_FILE} not found in the {DISTRIBUTION!r} distribution")
+
+
+def load_session(path: str | os.PathLike[str] | None = None) -> ort.InferenceSession:
+    """One CPU session for the whole process.
+
+    One intra-op and one inter-op thread: the model is tiny, so more threads per run only add
+    synchronisation; parallelism comes from batching streams and from the batcher's own threads.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        str(path if path is not None else model_path()),
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+    )
+
+
+class VadStream:
+    """The model's memory for one channel of one session.
+
+    ``state`` has shape ``(2, 1, 128)``; ``context`` is the last :data:`CONTEXT` samples of the
+    previous frame (zeros before the first frame). Frames of a stream must be fed in order.
+    """
+
+    __slots__ = ("context", "state")
+
+    def __init__(self) -> None:
+        self.state: Floats = np.zeros((2, 1, STATE_SIZE), dtype=np.float32)
+        self.context: Floats = np.zeros(CONTEXT, dtype=np.float32)
+
+    def reset(self) -> None:
+        self.state = np.zeros((2, 1, STATE_SIZE), dtype=np.float32)
+        self.context = np.zeros(CONTEXT, dtype=np.float32)
+
+
+def forward(session: ort.InferenceSession, inputs: Floats, state: Floats) -> tuple[Floats, Floats]:
+    """One ``session.run``: ``inputs`` ``(B, CONTEXT + FRAME)``, ``state`` ``(2, B, 128)`` ->
+    (probabilities ``(B,)``, new state ``(2, B, 128)``)."""
+    output, new_state = session.run(
+        ["output", "stateN"],
+        {"input": inputs, "state": state, "sr": np.array(SAMPLE_RATE, dtype=np.int64)},
+    )
+    return (
+        np.asarray(output, dtype=np.float32).reshape(-1),
+        np.asarray(new_state, dtype=np.float32),
+    )
+
+
+def step(session: ort.InferenceSession, streams: Sequence[VadStream], frames: Floats) -> Floats:
+    """Advance each of B streams by one frame (``frames`` ``(B, FRAME)``) in one run: gather the
+    states and contexts, run, scatter the new states and contexts back. Returns ``(B,)``."""
+    frames = np.asarray(frames, dtype=np.float32)
+    if frames.shape != (len(streams), FRAME):
+        raise ValueError(f"expected frames of shape ({len(streams)}, {FRAME}), got {frames.shape}")
+    if not streams:
+        return np.zeros(0, dtype=np.float32)
+    inputs = np.empty((len(streams), CONTEXT + FRAME), dtype=np.float32)
+    for i, stream in enumerate(streams):
+        inputs[i, :CONTEXT] = stream.context
+    inputs[:, CONTEXT:] = frames
+    state = np.concatenate([s.state for s in streams], axis=1)
+    probs, new_state = forward(session, inputs, state)
+    for i, stream in enumerate(streams):
+        stream.state = new_state[:, i : i + 1, :].copy()
+        stream.context = frames[i, -CONTEXT:].copy()
+    return probs

@@ -1,0 +1,600 @@
+"""The WebSocket routes over a real connection (the `websockets` client) against the running
+server: the seed's exact protocol, stop/restart cycles, Deepgram-style control messages, every
+error path, and the results of a client that leaves staying readable on SSE."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import wave
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import DATA, Server, start_server, stop_server
+from tests.sse_client import read_all
+
+pytestmark = pytest.mark.anyio
+
+MONO16 = {"channels": 1, "sample_rate": 16000, "bit_depth": 16, "is_float": False}
+SEED_TYPES = {"segment", "active", "inactive", "error"}
+
+
+def speech_pcm() -> bytes:
+    """speech.wav's samples: 16 kHz mono s16le, three utterances with pauses."""
+    with wave.open(str(DATA / "speech.wav")) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getsampwidth()) == (1, 16000, 2)
+        return w.readframes(w.getnframes())
+
+
+PCM = speech_pcm()
+SAMPLES = len(PCM) // 2
+HALF = SAMPLES // 2 * 2  # bytes: a whole number of samples
+
+
+def frames(data: bytes, size: int = 8000) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def seed_start(fmt: dict[str, Any] | None = None, interim: bool = False) -> str:
+    # Field order and null trace_id exactly as serde serialises the seed's StartMessage.
+    return json.dumps(
+        {"request": "start", "trace_id": None, "format": fmt or MONO16, "interim_results": interim}
+    )
+
+
+def stop(disconnect: bool) -> str:
+    return json.dumps({"request": "stop", "disconnect": disconnect})
+
+
+def ws_url(server: Server, path: str) -> str:
+    return server.url.replace("http", "ws", 1) + path
+
+
+@asynccontextmanager
+async def ws_connect(server: Server, path: str) -> AsyncIterator[ClientConnection]:
+    async with connect(ws_url(server, path), open_timeout=10, close_timeout=5) as ws:
+        yield ws
+
+
+async def send_all(ws: ClientConnection, data: bytes, size: int = 8000) -> None:
+    for chunk in frames(data, size):
+        await ws.send(chunk)
+
+
+async def recv_json(ws: ClientConnection) -> dict[str, Any]:
+    message = await ws.recv()
+    assert isinstance(message, str), "the server sends text frames only"
+    data: dict[str, Any] = json.loads(message)
+    return data
+
+
+async def read_until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            out.append(await recv_json(ws))
+    except ConnectionClosed:
+        return out
+
+
+async def read_until(ws: ClientConnection, kind: str) -> list[dict[str, Any]]:
+    """Messages up to and including the first of type ``kind``."""
+    out: list[dict[str, Any]] = []
+    while not out or out[-1]["type"] != kind:
+        out.append(await recv_json(ws))
+    return out
+
+
+async def wait_received(client: httpx.AsyncClient, session_id: str, n: int) -> None:
+    """Until the server holds ``n`` bytes of the session (it is another process: poll)."""
+    while True:
+        if (await client.get(f"/v1/sessions/{session_id}")).json()["bytes"] >= n:
+            return
+        await anyio.sleep(0.02)
+
+
+def finals(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if m["type"] == "segment" and m["is_final"]]
+
+
+def split_sessions(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """/v1/ws messages, one list per session: from its `started` to its `end`."""
+    sessions: list[list[dict[str, Any]]] = []
+    for m in messages:
+        if m["type"] == "started":
+            sessions.append([])
+        if sessions:
+            sessions[-1].append(m)
+    assert all(s[-1]["type"] == "end" for s in sessions), [m["type"] for m in messages]
+    return sessions
+
+
+def assert_utterances(messages: list[dict[str, Any]], n: int = 3) -> None:
+    """n utterances on channel 0, each final after its own active and inactive, counting its
+    samples (the dummy model returns the number of samples it was given)."""
+    types = [m["type"] for m in messages]
+    assert types.count("active") == types.count("inactive") == len(finals(messages)) == n, types
+    actives = [i for i, t in enumerate(types) if t == "active"]
+    inactives = [i for i, t in enumerate(types) if t == "inactive"]
+    segs = [i for i, m in enumerate(messages) if m["type"] == "segment" and m["is_final"]]
+    for a, b, s in zip(actives, inactives, segs, strict=True):
+        assert a < b < s, types
+        seg = messages[s]
+        assert seg["channel"] == 0
+        assert seg["count"] == round((seg["end_time"] - seg["start_time"]) * 16000)
+        assert seg["start_time"] == messages[a]["time"] and seg["end_time"] == messages[b]["time"]
+
+
+# -- the seed's protocol ------------------------------------------------------------------------
+
+
+async def test_seed_sequence_on_segmented(server: Server) -> None:
+    """What the seed's Rust client does: start, 256-byte PCM frames, stop with disconnect, then
+    read until the server closes."""
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            await ws.send(seed_start())
+            await send_all(ws, PCM, 256)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    assert {m["type"] for m in messages} <= SEED_TYPES, "the seed's routes send only its events"
+    assert_utterances(messages)
+
+
+async def test_seed_simple_counts_every_sample(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/simple") as ws:
+            await ws.send(seed_start())
+            await send_all(ws, PCM, 256)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    assert {m["type"] for m in messages} == {"segment"}
+    assert all(m["is_final"] for m in messages)
+    assert sum(m["count"] for m in messages) == SAMPLES
+    starts = [m["start_time"] for m in messages]
+    assert starts == sorted(starts)
+
+
+async def test_seed_stop_without_disconnect_then_new_start(server: Server) -> None:
+    """A stop without disconnect flushes; the next start begins a new pipeline; each flush
+    delivers its finals before anything of the next."""
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            for _ in range(2):
+                await ws.send(seed_start())
+                await send_all(ws, PCM)
+                await ws.send(stop(False))
+            # Still open: the first two cycles' results arrive while the connection lives.
+            first: list[dict[str, Any]] = []
+            while len(finals(first)) < 6:
+                first.append(await recv_json(ws))
+            await ws.send(stop(True))
+            rest = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    assert rest == []
+    assert_utterances(first[: len(first) // 2])
+    assert_utterances(first[len(first) // 2 :])
+
+
+async def test_seed_start_replaced_before_audio_leaves_nothing_behind(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            await ws.send(seed_start({**MONO16, "channels": 2}))
+            await ws.send(stop(False))
+            await ws.send(seed_start({**MONO16, "channels": 2}))
+            await ws.send(seed_start())
+            await send_all(ws, PCM)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    assert_utterances(messages)  # no error, one session
+
+
+async def test_seed_audio_after_stop_without_disconnect_starts_again(server: Server) -> None:
+    """As in the seed, after a stop without disconnect the same config goes on with new audio."""
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(seed_start())
+            await send_all(ws, PCM)
+            await ws.send(stop(False))
+            await send_all(ws, PCM)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    sessions = split_sessions(messages)
+    assert len(sessions) == 2
+    assert sessions[0][0]["session_id"] != sessions[1][0]["session_id"]
+    for s in sessions:
+        assert_utterances(s)
+        assert s[-1]["reason"] == "completed"
+
+
+async def test_v1_empty_session_is_reported_and_the_connection_goes_on(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            await ws.send(stop(False))
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            await send_all(ws, PCM)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    empty, full = split_sessions(messages)
+    assert [m["type"] for m in empty] == ["started", "error", "end"]
+    assert empty[1]["code"] == "empty_audio" and empty[-1]["bytes"] == 0
+    assert_utterances(full)
+
+
+async def test_new_start_mid_stream_flushes(server: Server) -> None:
+    half = HALF
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            await send_all(ws, PCM[:half])
+            await ws.send(json.dumps({"request": "start", "format": MONO16, "mode": "simple"}))
+            await send_all(ws, PCM[half:])
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    first, second = split_sessions(messages)
+    assert first[0]["config"]["mode"] == "segmented" and second[0]["config"]["mode"] == "simple"
+    assert first[-1]["reason"] == "completed"
+    assert first[-1]["audio_seconds"] == pytest.approx(half / 2 / 16000, abs=0.001)
+    assert sum(m["count"] for m in finals(second)) == (len(PCM) - half) // 2
+
+
+async def test_stop_with_disconnect_sends_finals_before_close(server: Server) -> None:
+    """Results of audio sent right before the stop are not lost (the seed's weak spot)."""
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            await ws.send(PCM)  # everything in one frame, then stop at once
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    (session,) = split_sessions(messages)
+    assert_utterances(session)
+    assert session[-1]["segments"] == 3 and session[-1]["reason"] == "completed"
+
+
+# -- /v1/ws extensions ---------------------------------------------------------------------------
+
+
+async def test_v1_session_is_readable_on_sse(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            started = await recv_json(ws)
+            assert started["type"] == "started"
+            assert started["events_url"].startswith(server.url + "/v1/sessions/")
+            await send_all(ws, PCM)
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+        async with httpx.AsyncClient(timeout=30) as client:
+            logged = await read_all(client, started["events_url"])
+            status = (await client.get(f"{server.url}/v1/sessions/{started['session_id']}")).json()
+    # Same events, same JSON, on both transports.
+    assert [e.data for e in logged] == messages
+    assert status["state"] == "ended" and status["segments"] == 3
+    assert_utterances(messages)
+
+
+async def test_v1_webm_container(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start"}))  # format omitted: sniff
+            await send_all(ws, (DATA / "speech.webm").read_bytes(), 1024)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    (session,) = split_sessions(messages)
+    assert session[0]["config"]["format"] == "auto"
+    assert len(finals(session)) == 3
+    assert session[-1]["container"] is not None and session[-1]["reason"] == "completed"
+
+
+async def test_v1_takes_vad_options(server: Server) -> None:
+    # A threshold no speech reaches: nothing is segmented, and the session still ends cleanly.
+    config = {"request": "start", "format": MONO16, "vad": {"positive_threshold": 1.0}}
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps(config))
+            await send_all(ws, PCM)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+    (session,) = split_sessions(messages)
+    assert session[0]["config"]["vad"]["positive_threshold"] == 1.0
+    assert finals(session) == [] and session[-1]["reason"] == "completed"
+
+
+async def test_finalize_flushes_and_next_audio_starts_a_new_session(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            await ws.send(PCM)
+            await ws.send(stop(True))
+            reference = finals(await read_until_closed(ws))
+        # Cut in the middle of the second utterance.
+        middle = (reference[1]["start_time"] + reference[1]["end_time"]) / 2
+        cut = round(middle * 16000) * 2
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            await send_all(ws, PCM[:cut])
+            await ws.send(json.dumps({"type": "Finalize"}))
+            # Flushed: the first session's results and end arrive while the connection lives.
+            first = await read_until(ws, "end")
+            await send_all(ws, PCM[cut:])
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            rest = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    s1, s2 = split_sessions(first + rest)
+    assert s1[-1]["reason"] == s2[-1]["reason"] == "completed"
+    assert s1[-1]["audio_seconds"] == pytest.approx(cut / 32000, abs=0.001)
+    assert s1[-1]["audio_seconds"] + s2[-1]["audio_seconds"] == pytest.approx(
+        SAMPLES / 16000, abs=0.002
+    )
+    assert s1[0]["session_id"] != s2[0]["session_id"]
+    # The utterance cut by Finalize is finished in the first session, not lost.
+    assert len(finals(s1)) == 2
+    assert finals(s1)[-1]["end_time"] == pytest.approx(cut / 32000, abs=0.04)
+
+
+async def test_attach_to_a_session_created_over_http(server: Server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        created = (await client.post("/v1/sessions", json={"format": MONO16})).json()
+        with anyio.fail_after(60):
+            async with connect(created["ws_url"], open_timeout=10) as ws:
+                started = await recv_json(ws)
+                assert started["session_id"] == created["id"]
+                await send_all(ws, PCM)
+                await ws.send(json.dumps({"type": "CloseStream"}))
+                messages = [started, *await read_until_closed(ws)]
+                assert ws.close_code == 1000
+            logged = await read_all(client, created["events_url"])
+    assert len(finals(messages)) == 3
+    assert [e.data for e in logged] == messages[1:]
+
+
+# -- a client that leaves ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_client_leaving_mid_stream_keeps_results_in_the_log(server: Server, how: str) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        with anyio.fail_after(60):
+            async with ws_connect(server, "/v1/ws") as ws:
+                await ws.send(json.dumps({"request": "start", "format": MONO16}))
+                started = await recv_json(ws)
+                await send_all(ws, PCM)
+                # Deterministic: leave once the server has every byte, before any stop.
+                await wait_received(client, started["session_id"], len(PCM))
+                if how == "abort":
+                    ws.transport.abort()  # no close frame: a vanished client
+                else:
+                    await ws.close()
+            logged = await read_all(client, started["events_url"])
+    assert logged[-1].event == "end"
+    end = logged[-1].data
+    assert end["reason"] == "client_disconnected"
+    assert end["audio_seconds"] == pytest.approx(SAMPLES / 16000, abs=0.001)
+    assert_utterances([e.data for e in logged])
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/v1/segmented", "/v1/ws"])
+async def test_invalid_json_is_answered_and_the_connection_stays_usable(
+    server: Server, path: str
+) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, path) as ws:
+            await ws.send("{not json")
+            error = await recv_json(ws)
+            assert error == {
+                "type": "error",
+                "code": "invalid_json",
+                "message": error["message"],
+                "channel": None,
+            }
+            await ws.send(seed_start())
+            await send_all(ws, PCM[:HALF])
+            # Mid-session, the error goes into the session's own log, in order.
+            await ws.send('{"request": "pause"}')
+            await send_all(ws, PCM[HALF:])
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    errors = [m for m in messages if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["invalid_message"]
+    assert len(finals(messages)) == 3
+
+
+async def test_audio_before_start(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            await ws.send(PCM[:3200])
+            error = await recv_json(ws)
+            assert error["type"] == "error" and error["code"] == "audio_before_start"
+            assert error["channel"] is None
+            await ws.send(seed_start())
+            await send_all(ws, PCM)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    assert_utterances(messages)
+
+
+async def test_partial_sample_frame_is_dropped_and_reported(server: Server) -> None:
+    stereo = {**MONO16, "channels": 2}
+    # Both channels the same speech: 4-byte sample frames.
+    samples = [PCM[i : i + 2] for i in range(0, len(PCM), 2)]
+    interleaved = b"".join(s + s for s in samples)
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            await ws.send(seed_start(stereo))
+            await ws.send(interleaved[:6])  # one and a half sample frames
+            await send_all(ws, interleaved)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    errors = [m for m in messages if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["partial_sample"]
+    assert "6 bytes" in errors[0]["message"]
+    # The dropped frame shifted nothing: both channels find the same three utterances.
+    for ch in (0, 1):
+        assert len([m for m in finals(messages) if m["channel"] == ch]) == 3
+
+
+@pytest.mark.parametrize("path", ["/api/v1/segmented", "/v1/ws"])
+async def test_unsupported_format_closes_1003(server: Server, path: str) -> None:
+    with anyio.fail_after(30):
+        async with ws_connect(server, path) as ws:
+            await ws.send(seed_start({**MONO16, "bit_depth": 24}))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1003
+            assert ws.close_reason == "unsupported_format"
+    assert [m["code"] for m in messages] == ["unsupported_format"]
+    assert "24" in messages[0]["message"]
+
+
+async def test_bad_config_is_answered_and_a_corrected_start_works(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            await ws.send(json.dumps({"request": "start", "interim_results": False}))
+            assert (await recv_json(ws))["code"] == "invalid_config"  # format missing
+            await ws.send(json.dumps({"request": "start", "format": MONO16, "vad": {}}))
+            assert (await recv_json(ws))["code"] == "unknown_field"
+            await ws.send(seed_start())
+            await send_all(ws, PCM)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+    assert_utterances(messages)
+
+
+async def test_garbage_container_bytes_close_with_an_error(server: Server) -> None:
+    garbage = bytes(range(256)) * 64
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start"}))
+            # The server may close as soon as it knows the bytes are not audio, mid-send.
+            with contextlib.suppress(ConnectionClosed):
+                await send_all(ws, garbage, 4096)
+                await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code in (1003, 1007)
+    (session,) = split_sessions(messages)
+    errors = [m for m in session if m["type"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["code"] in ("decode_failed", "unsupported_format", "no_audio_stream")
+    assert ws.close_reason == errors[0]["code"]
+    assert session[-1]["reason"] == "error"
+
+
+async def test_unknown_session_id(server: Server) -> None:
+    with anyio.fail_after(30):
+        async with ws_connect(server, "/v1/ws?session=" + "x" * 22) as ws:
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1008
+    assert [m["code"] for m in messages] == ["session_not_found"]
+
+
+# -- limits: a server with a 1 s idle timeout and room for one session ----------------------------
+
+
+@pytest.fixture(scope="module")
+def tight_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(
+        tmp_path_factory.mktemp("tight"),
+        env={"STREAMER_IDLE_TIMEOUT_SECONDS": "1", "STREAMER_MAX_SESSIONS": "1"},
+    )
+    yield s
+    stop_server(s)
+
+
+async def test_idle_timeout_keeps_results_and_closes_1008(tight_server: Server) -> None:
+    with anyio.fail_after(30):
+        async with ws_connect(tight_server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            await send_all(ws, PCM)
+            messages = await read_until_closed(ws)  # then nothing: idle
+            assert ws.close_code == 1008 and ws.close_reason == "idle_timeout"
+    (session,) = split_sessions(messages)
+    assert [m["code"] for m in session if m["type"] == "error"] == ["idle_timeout"]
+    assert session[-1]["reason"] == "idle_timeout"
+    assert_utterances(session)
+
+
+async def test_idle_timeout_without_a_session(tight_server: Server) -> None:
+    with anyio.fail_after(30):
+        async with ws_connect(tight_server, "/api/v1/segmented") as ws:
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1008
+    assert [m["code"] for m in messages] == ["idle_timeout"]
+
+
+async def test_keepalive_holds_an_idle_connection(tight_server: Server) -> None:
+    with anyio.fail_after(30):
+        async with ws_connect(tight_server, "/v1/ws") as ws:
+            await ws.send(json.dumps({"request": "start", "format": MONO16}))
+            await send_all(ws, PCM[:HALF])
+            for _ in range(8):  # 2.4 s of silence from the client, idle timeout 1 s
+                await anyio.sleep(0.3)
+                await ws.send(json.dumps({"type": "KeepAlive"}))
+            await send_all(ws, PCM[HALF:])
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    (session,) = split_sessions(messages)
+    assert not [m for m in session if m["type"] == "error"]
+    assert_utterances(session)
+
+
+async def test_at_capacity_closes_1013(tight_server: Server) -> None:
+    with anyio.fail_after(30):
+        async with ws_connect(tight_server, "/v1/ws") as first:
+            await first.send(json.dumps({"request": "start", "format": MONO16}))
+            assert (await recv_json(first))["type"] == "started"
+            async with ws_connect(tight_server, "/api/v1/segmented") as second:
+                await second.send(seed_start())
+                await second.send(PCM[:3200])  # the seed's routes open a session with audio
+                messages = await read_until_closed(second)
+                assert second.close_code == 1013
+            assert [m["code"] for m in messages] == ["too_many_sessions"]
+            await first.send(json.dumps({"type": "CloseStream"}))
+            await read_until_closed(first)
+            assert first.close_code == 1000
+
+
+async def test_shutdown_closes_1001_after_the_results(tmp_path: Path) -> None:
+    server = start_server(tmp_path, env={"STREAMER_SHUTDOWN_GRACE_SECONDS": "3"})
+    try:
+        with anyio.fail_after(30):
+            async with ws_connect(server, "/v1/ws") as ws:
+                await ws.send(json.dumps({"request": "start", "format": MONO16}))
+                started = await recv_json(ws)
+                await send_all(ws, PCM)
+                async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                    # Every byte in before the signal, so every result is owed.
+                    await wait_received(client, started["session_id"], len(PCM))
+                messages = [started, *await read_until(ws, "segment")]
+                server.process.terminate()
+                messages += await read_until_closed(ws)
+                assert ws.close_code == 1001
+    finally:
+        stop_server(server)
+    (session,) = split_sessions(messages)
+    assert session[-1]["reason"] == "shutdown"
+    assert_utterances(session)

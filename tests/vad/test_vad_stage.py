@@ -1,0 +1,282 @@
+"""The VAD stage end to end: real speech, chunking invariance, the tail, interims, closing."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import anyio
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.audio.chunk import AudioChunk
+from service.config import VadParams
+from service.vad.batcher import VadBatcher, VadInferenceError
+from service.vad.silero import FRAME
+from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
+from service.vad.stage import VadSummary, vad_stage
+from tests.vad.vad_helpers import ScriptedBatcher, check_protocol, chunks_of, finals, run_stage
+
+Audio = npt.NDArray[np.float32]
+RATE = 16_000
+
+
+def boundaries(outputs: list[VadOutput], channel: int = 0) -> list[tuple[int, int]]:
+    return [(f.start, f.end) for f in finals(outputs, channel)]
+
+
+def every(n: int, length: int) -> list[int]:
+    return list(range(n, length, n))
+
+
+@pytest.mark.anyio
+async def test_real_speech_gives_three_utterances(speech: Audio, batcher: VadBatcher) -> None:
+    outputs, summary = await run_stage(chunks_of(speech, every(4000, speech.shape[1])), batcher)
+    check_protocol(outputs)
+    spans = boundaries(outputs)
+    assert len(spans) == 3, spans
+    for (start, end), f in zip(spans, finals(outputs), strict=True):
+        assert 0.5 * RATE < end - start < 3.5 * RATE  # a sentence, not a blip or the whole file
+        np.testing.assert_array_equal(f.audio, speech[0, start:end])
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start - end > 0.5 * RATE  # the ~1.5 s pauses separate them
+    # Speech is loud and silence is quiet: the utterances hold most of the signal's energy.
+    energy = float(np.sum(speech[0] ** 2))
+    inside = sum(float(np.sum(speech[0, a:b] ** 2)) for a, b in spans)
+    assert inside > 0.95 * energy
+    assert summary == VadSummary(
+        frames=-(-speech.shape[1] // FRAME),
+        utterances=(3,),
+        speech_seconds=sum(b - a for a, b in spans) / RATE,
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["noise", "silence"])
+async def test_no_speech_in_noise_or_silence(
+    name: str, request: pytest.FixtureRequest, batcher: VadBatcher
+) -> None:
+    audio = request.getfixturevalue(name)
+    outputs, summary = await run_stage(chunks_of(audio, every(3200, audio.shape[1])), batcher)
+    assert outputs == []
+    assert summary.utterances == (0,) and summary.speech_seconds == 0.0
+
+
+@pytest.mark.anyio
+async def test_empty_input_closes_the_output(batcher: VadBatcher) -> None:
+    outputs, summary = await run_stage([], batcher)
+    assert outputs == [] and summary == VadSummary(0, (), 0.0)
+
+
+@pytest.fixture(scope="module")
+def reference(speech: Audio, onnx_session: ort.InferenceSession) -> list[tuple[int, int]]:
+    batcher = VadBatcher(onnx_session, limiter=anyio.CapacityLimiter(1))
+    outputs, _ = anyio.run(run_stage, [AudioChunk(speech, 0, 0.0)], batcher)
+    return boundaries(outputs)
+
+
+@pytest.mark.anyio
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+async def test_any_chunking_gives_the_same_utterances(
+    data: st.DataObject,
+    speech: Audio,
+    onnx_session: ort.InferenceSession,
+    reference: list[tuple[int, int]],
+) -> None:
+    n = speech.shape[1]
+    cuts = data.draw(
+        st.one_of(
+            st.lists(st.integers(1, n - 1), max_size=40),  # anywhere, any size
+            st.integers(1, 3000).map(lambda size: every(size, n)),  # regular, tiny to large
+        )
+    )
+    batcher = VadBatcher(onnx_session, limiter=anyio.CapacityLimiter(1))
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            outputs, _ = await run_stage(chunks_of(speech, cuts), batcher)
+            tg.cancel_scope.cancel()
+    check_protocol(outputs)
+    assert boundaries(outputs) == reference
+    for f in finals(outputs):
+        np.testing.assert_array_equal(f.audio, speech[0, f.start : f.end])
+
+
+@pytest.mark.anyio
+async def test_the_tail_is_never_dropped(speech: Audio, batcher: VadBatcher) -> None:
+    """Audio that stops mid-utterance, not on a frame boundary: the last utterance ends at the
+    very last sample and carries it."""
+    full, _ = await run_stage([AudioChunk(speech, 0, 0.0)], batcher)
+    start, end = boundaries(full)[-1]
+    cut = (start + end) // 2 // FRAME * FRAME + 333
+    audio = speech[:, :cut]
+    outputs, summary = await run_stage(chunks_of(audio, every(1000, cut)), batcher)
+    last = finals(outputs)[-1]
+    assert (last.start, last.end) == (start, cut)
+    np.testing.assert_array_equal(last.audio, audio[0, start:cut])
+    assert summary.frames == cut // FRAME + 1
+    ended = [o for o in outputs if isinstance(o, SpeechEnded)]
+    assert ended[-1].end == cut
+
+
+@pytest.mark.anyio
+async def test_interims_every_interval_of_audio(speech: Audio, batcher: VadBatcher) -> None:
+    outputs, _ = await run_stage(
+        chunks_of(speech, every(5000, speech.shape[1])), batcher, interim_interval_s=0.5
+    )
+    check_protocol(outputs)
+    interims = [o for o in outputs if isinstance(o, SpeechAudio) and not o.is_final]
+    assert interims
+    last_emission: dict[int, int] = {}
+    position = 0
+    for o in outputs:
+        if isinstance(o, SpeechStarted):
+            last_emission = {o.utterance: -1}
+        elif isinstance(o, SpeechAudio) and not o.is_final:
+            np.testing.assert_array_equal(o.audio, speech[0, o.start : o.end])
+            previous = last_emission[o.utterance]
+            if previous >= 0:
+                # 0.5 s of audio since the last interim, at frame granularity.
+                assert 8000 <= o.end - previous < 8000 + FRAME
+            last_emission[o.utterance] = o.end
+            assert o.end >= position
+            position = o.end
+    # Without the option, no interims at all.
+    plain, _ = await run_stage(chunks_of(speech, every(5000, speech.shape[1])), batcher)
+    assert all(o.is_final for o in plain if isinstance(o, SpeechAudio))
+    assert boundaries(plain) == boundaries(outputs)
+
+
+@pytest.mark.anyio
+async def test_channels_are_independent_and_batched_together(
+    speech: Audio, batcher: VadBatcher
+) -> None:
+    mono, _ = await run_stage([AudioChunk(speech, 0, 0.0)], batcher)
+    quiet = np.zeros_like(speech[0])
+    stereo = np.stack([quiet, speech[0], speech[0] * 0.9])
+    outputs, summary = await run_stage(chunks_of(stereo, every(2048, stereo.shape[1])), batcher)
+    check_protocol(outputs)
+    assert boundaries(outputs, 0) == []
+    assert boundaries(outputs, 1) == boundaries(mono)
+    assert len(boundaries(outputs, 2)) == 3
+    assert summary.utterances == (0, 3, 3)
+    assert summary.frames == 3 * -(-speech.shape[1] // FRAME)
+
+
+def scripted(speech_frames: range) -> ScriptedBatcher:
+    return ScriptedBatcher(lambda _stream, t: 0.9 if t in speech_frames else 0.1)
+
+
+@pytest.mark.anyio
+async def test_received_at_is_that_of_the_chunk_that_produced_each_output() -> None:
+    """Scripted probabilities, chunks of 3 frames with received_at = chunk index."""
+    batcher = scripted(range(30, 60))
+    audio = np.zeros((1, 90 * FRAME), np.float32)
+    outputs, _ = await run_stage(
+        chunks_of(audio, every(3 * FRAME, audio.shape[1])), batcher, interim_interval_s=0.25
+    )
+    check_protocol(outputs)
+    kinds = [(type(o).__name__, getattr(o, "is_final", None), o.received_at) for o in outputs]
+    # Confirmed on frame 33 (chunk 11); interims every 8 frames (8 * 512 samples first reach
+    # 0.25 s = 4000), through the redemption silence too, as the utterance is still open; ended
+    # on frame 78 (chunk 26).
+    assert kinds[0] == ("SpeechStarted", None, 11.0)
+    assert [k[2] for k in kinds if k[1] is False] == [13.0, 16.0, 19.0, 21.0, 24.0]
+    assert kinds[-2:] == [("SpeechEnded", None, 26.0), ("SpeechAudio", True, 26.0)]
+    # One batcher call per chunk, all channels in it.
+    assert len(batcher.calls) == 30 and all(c == [3] for c in batcher.calls)
+
+
+@pytest.mark.anyio
+async def test_outputs_of_a_padded_tail_carry_the_last_chunk_received_at() -> None:
+    batcher = scripted(range(30, 1000))
+    audio = np.zeros((2, 40 * FRAME + 7), np.float32)
+    outputs, summary = await run_stage(chunks_of(audio, [FRAME * 20]), batcher)
+    assert [(type(o).__name__, o.channel, o.received_at) for o in outputs[-4:]] == [
+        ("SpeechEnded", 0, 1.0),
+        ("SpeechAudio", 0, 1.0),
+        ("SpeechEnded", 1, 1.0),
+        ("SpeechAudio", 1, 1.0),
+    ]
+    assert [f.end for f in finals(outputs, 0) + finals(outputs, 1)] == [40 * FRAME + 7] * 2
+    assert batcher.calls[-1] == [1, 1]  # the zero-padded tail frame, both channels at once
+    assert summary.frames == 2 * 41
+
+
+@pytest.mark.anyio
+async def test_a_model_failure_propagates_and_still_closes_the_output(speech: Audio) -> None:
+    class Failing(ScriptedBatcher):
+        async def infer(self, requests):  # type: ignore[no-untyped-def]
+            raise VadInferenceError("boom")
+
+    chunk_send, chunk_recv = anyio.create_memory_object_stream[AudioChunk](1)
+    out_send, out_recv = anyio.create_memory_object_stream[VadOutput](1)
+    with anyio.fail_after(10):
+        await chunk_send.send(AudioChunk(speech[:, :4000], 0, 0.0))
+        chunk_send.close()
+        with pytest.raises(VadInferenceError):
+            await vad_stage(
+                chunk_recv,
+                out_send,
+                batcher=Failing(lambda s, t: 0.0),
+                params=VadParams(),
+                interim_interval_s=None,
+            )
+        assert [o async for o in out_recv] == []  # closed: iteration ends
+
+
+@pytest.mark.anyio
+async def test_inconsistent_chunks_are_rejected() -> None:
+    for chunks in (
+        [
+            AudioChunk(np.zeros((1, 600), np.float32), 0, 0.0),
+            AudioChunk(np.zeros((2, 10), np.float32), 600, 0.0),
+        ],
+        [
+            AudioChunk(np.zeros((1, 600), np.float32), 0, 0.0),
+            AudioChunk(np.zeros((1, 10), np.float32), 601, 0.0),
+        ],
+    ):
+        with pytest.raises(ExceptionGroup) as info:
+            await run_stage(chunks, scripted(range(0)))
+        assert info.group_contains(ValueError)
+
+
+@pytest.mark.anyio
+async def test_many_sessions_through_the_running_batcher_match_one_alone(
+    speech: Audio, onnx_session: ort.InferenceSession
+) -> None:
+    alone, _ = await run_stage(
+        [AudioChunk(speech, 0, 0.0)],
+        VadBatcher(onnx_session, limiter=anyio.CapacityLimiter(1)),
+    )
+    batcher = VadBatcher(onnx_session, max_batch=8, limiter=anyio.CapacityLimiter(1))
+    rng = random.Random(3)
+    results: list[list[tuple[int, int]]] = []
+    calls = 0
+
+    async def session() -> None:
+        nonlocal calls
+        chunks = chunks_of(speech, every(rng.randint(300, 6000), speech.shape[1]))
+        calls += len(chunks) + 1  # one infer per chunk, plus the padded tail
+        outputs, _ = await run_stage(chunks, batcher)
+        results.append(boundaries(outputs))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            async with anyio.create_task_group() as sessions:
+                for _ in range(12):
+                    sessions.start_soon(session)
+            tg.cancel_scope.cancel()
+    assert results == [boundaries(alone)] * 12
+    assert batcher.batches < calls / 2  # sessions shared batches

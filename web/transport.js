@@ -1,0 +1,247 @@
+// Getting audio bytes to the service while they are still being produced.
+//
+// Two uploads with one interface: open(config) -> {sessionId}, send(bytes), finish(), abort().
+// - FetchUpload: POST /v1/sessions, then one fetch whose body is a ReadableStream. Chrome streams
+//   a request body only over HTTP/2, so this needs the page on https: (TLS with ALPN h2).
+// - WebSocketUpload: /v1/ws, a start message, binary frames, a stop message. Works on HTTP/1.1.
+// Observations do not come back through either: the page reads them from the session's SSE.
+
+/** Chrome's documented feature test: a stream body is accepted (no Content-Type is added for
+ * it) and the `duplex` option is read. */
+export function supportsRequestStreams() {
+  try {
+    let duplexAccessed = false;
+    const hasContentType = new Request("data:,", {
+      body: new ReadableStream(),
+      method: "POST",
+      get duplex() {
+        duplexAccessed = true;
+        return "half";
+      },
+    }).headers.has("Content-Type");
+    return duplexAccessed && !hasContentType;
+  } catch {
+    return false;
+  }
+}
+
+/** Which upload to use, and why, for a preference of "auto", "fetch" or "websocket". */
+export function chooseTransport(preference = "auto", loc = location) {
+  const secure = loc.protocol === "https:";
+  const streams = supportsRequestStreams();
+  if (preference === "websocket") {
+    return { name: "websocket", reason: "chosen in settings" };
+  }
+  if (secure && streams) {
+    return {
+      name: "fetch",
+      reason: preference === "fetch" ? "chosen in settings" : "HTTPS and streaming request bodies",
+    };
+  }
+  const why = !secure
+    ? "the page is not on HTTPS, and browsers stream request bodies only over HTTP/2"
+    : "this browser cannot stream request bodies";
+  return { name: "websocket", reason: preference === "fetch" ? `fetch unavailable: ${why}` : why };
+}
+
+export class ApiError extends Error {
+  constructor(code, message, status) {
+    super(message);
+    this.code = code;
+    this.status = status;
+  }
+}
+
+async function apiError(response) {
+  let code = `http_${response.status}`;
+  let message = `${response.status} ${response.statusText}`.trim();
+  try {
+    const body = await response.json();
+    if (body?.error) ({ code, message } = body.error);
+  } catch {
+    // Not JSON (a proxy's error page): the status line is all we have.
+  }
+  return new ApiError(code, message, response.status);
+}
+
+function authHeaders(apiKey) {
+  return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+}
+
+export function withToken(url, apiKey) {
+  if (!apiKey) return url;
+  const u = new URL(url, location.href);
+  u.searchParams.set("token", apiKey);
+  return u.href;
+}
+
+const CHUNKS_AHEAD = 8;
+
+export class FetchUpload {
+  name = "fetch";
+
+  constructor({ apiKey = "", contentType = "" } = {}) {
+    this.apiKey = apiKey;
+    this.contentType = contentType;
+    this.controller = null;
+    this.wake = null;
+    this.response = null;
+    this.failure = null;
+    this.finishing = false;
+    this.aborted = false;
+    this.onerror = null;
+  }
+
+  async open(config) {
+    const created = await fetch("/v1/sessions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...authHeaders(this.apiKey) },
+      body: JSON.stringify(config),
+    });
+    if (!created.ok) throw await apiError(created);
+    const session = await created.json();
+    const body = new ReadableStream(
+      {
+        start: (controller) => {
+          this.controller = controller;
+        },
+        pull: () => {
+          this.wake?.();
+        },
+      },
+      { highWaterMark: CHUNKS_AHEAD },
+    );
+    const headers = authHeaders(this.apiKey);
+    if (this.contentType) headers["Content-Type"] = this.contentType;
+    // Resolves only after the body has ended and the service has drained the session.
+    this.response = fetch(`/v1/sessions/${session.id}/audio`, {
+      method: "POST",
+      headers,
+      body,
+      duplex: "half",
+    }).then(async (r) => {
+      if (!r.ok) throw await apiError(r);
+      return r.json();
+    });
+    // An early failure (HTTP/1.1 refusing a stream body, the service ending the session) must
+    // show now, not when the recording stops.
+    this.response.catch((err) => {
+      this.failure = err;
+      this.wake?.();
+      if (!this.finishing && !this.aborted) this.onerror?.(err);
+    });
+    return { sessionId: session.id };
+  }
+
+  /** Queues bytes; resolves when the stream has room again (backpressure for files). */
+  async send(bytes) {
+    if (this.failure) throw this.failure;
+    this.controller.enqueue(bytes);
+    while (this.controller.desiredSize <= 0 && !this.failure) {
+      await new Promise((resolve) => {
+        this.wake = resolve;
+      });
+    }
+  }
+
+  async finish() {
+    this.finishing = true;
+    if (!this.failure) this.controller?.close();
+    return this.response;
+  }
+
+  abort() {
+    this.aborted = true;
+    try {
+      this.controller?.error(new Error("aborted"));
+    } catch {
+      // Already closed.
+    }
+  }
+}
+
+const WS_HIGH_WATER_BYTES = 1 << 20;
+const WS_START_TIMEOUT_MS = 15_000;
+
+export class WebSocketUpload {
+  name = "websocket";
+
+  constructor({ apiKey = "" } = {}) {
+    this.apiKey = apiKey;
+    this.ws = null;
+    this.finishing = false;
+    this.onerror = null;
+  }
+
+  open(config) {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const url = withToken(`${scheme}//${location.host}/v1/ws`, this.apiKey);
+    const ws = new WebSocket(url);
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    return new Promise((resolve, reject) => {
+      let started = false;
+      const timer = setTimeout(() => {
+        reject(new ApiError("timeout", "the WebSocket did not start a session in time"));
+        ws.close();
+      }, WS_START_TIMEOUT_MS);
+      ws.addEventListener("open", () => {
+        ws.send(JSON.stringify({ request: "start", ...config }));
+      });
+      ws.addEventListener("message", (e) => {
+        if (started || typeof e.data !== "string") return;
+        let msg;
+        try {
+          msg = JSON.parse(e.data);
+        } catch {
+          return;
+        }
+        if (msg.type === "started") {
+          started = true;
+          clearTimeout(timer);
+          resolve({ sessionId: msg.session_id });
+        } else if (msg.type === "error") {
+          clearTimeout(timer);
+          reject(new ApiError(msg.code, msg.message));
+        }
+        // After "started" every event arrives on SSE too; the page reads that one.
+      });
+      ws.addEventListener("close", (e) => {
+        clearTimeout(timer);
+        if (!started) {
+          const why = e.reason || (e.code === 1006 ? "connection failed" : `code ${e.code}`);
+          reject(new ApiError("websocket_closed", `WebSocket closed before the session started: ${why}`));
+        } else if (!this.finishing) {
+          const why = e.reason || `code ${e.code}`;
+          this.onerror?.(new ApiError("websocket_closed", `WebSocket closed while sending audio: ${why}`));
+        }
+      });
+    });
+  }
+
+  async send(bytes) {
+    if (this.ws.readyState !== WebSocket.OPEN) throw new ApiError("websocket_closed", "WebSocket is closed");
+    this.ws.send(bytes);
+    // WebSocket has no drain event; a file read faster than the network would fill memory.
+    while (this.ws.bufferedAmount > WS_HIGH_WATER_BYTES && this.ws.readyState === WebSocket.OPEN) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+
+  async finish() {
+    this.finishing = true;
+    if (this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify({ request: "stop", disconnect: true }));
+    }
+    return null;
+  }
+
+  abort() {
+    this.finishing = true;
+    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "client stopped");
+  }
+}
+
+export function createUpload(name, options) {
+  return name === "fetch" ? new FetchUpload(options) : new WebSocketUpload(options);
+}
