@@ -10,10 +10,15 @@ from service.settings import Settings
 def test_defaults_and_env() -> None:
     s = Settings.from_env({})
     assert (s.host, s.port, s.api_key) == ("127.0.0.1", 8000, None)
-    s = Settings.from_env({
-        "PORT": "9001", "STREAMER_MAX_SESSIONS": "7", "STREAMER_MODEL_OPTIONS": '{"delay": 0}',
-        "STREAMER_CORS_ORIGINS": "http://a, http://b", "STREAMER_IDLE_TIMEOUT_SECONDS": "2.5",
-    })
+    s = Settings.from_env(
+        {
+            "PORT": "9001",
+            "STREAMER_MAX_SESSIONS": "7",
+            "STREAMER_MODEL_OPTIONS": '{"delay": 0}',
+            "STREAMER_CORS_ORIGINS": "http://a, http://b",
+            "STREAMER_IDLE_TIMEOUT_SECONDS": "2.5",
+        }
+    )
     assert (s.port, s.max_sessions, dict(s.model_options)) == (9001, 7, {"delay": 0})
     assert s.cors_origins == ("http://a", "http://b")
     assert s.idle_timeout_seconds == 2.5

@@ -118,7 +118,11 @@ class Session:
         if self._input is None or self._input_reason is not None:
             raise InputClosed
         settings = self.runtime.settings
-        if self.counters.bytes_in + len(data) > settings.max_upload_bytes:
+        room = settings.max_upload_bytes - self.counters.bytes_in
+        if len(data) > room:
+            # Keep everything up to the limit: it was received, so it is processed.
+            if room > 0:
+                await self._send(data[:room])
             await self.fail_input(
                 StreamerError(
                     ErrorCode.PAYLOAD_TOO_LARGE,
@@ -138,6 +142,10 @@ class Session:
                 EndReason.DURATION_EXCEEDED,
             )
             raise InputClosed
+        await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        assert self._input is not None
         self.counters.bytes_in += len(data)
         self.runtime.observer.bytes_received(self, len(data))
         try:

@@ -52,8 +52,11 @@ def test_cors_preflight_and_headers(locked: Server) -> None:
     with httpx.Client(base_url=locked.url, timeout=10) as c:
         pre = c.options(
             "/v1/sessions",
-            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "authorization,content-type"},
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
         )
         assert pre.status_code == 200
         assert pre.headers["access-control-allow-origin"] == "https://app.example"
