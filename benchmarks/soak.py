@@ -141,8 +141,8 @@ def main() -> None:
         "live_sessions_after": live,
     }
     print(f"{'RSS before (MiB)':<34}{before:8.1f}")
-    print(f"{'RSS after {} sessions'.format(args.sessions):<34}{after_short:8.1f}")
-    print(f"{'RSS after {} concurrent'.format(args.concurrent):<34}{peak:8.1f}")
+    print(f"{f'RSS after {args.sessions} sessions':<34}{after_short:8.1f}")
+    print(f"{f'RSS after {args.concurrent} concurrent':<34}{peak:8.1f}")
     print(f"{'RSS after retention expired':<34}{after:8.1f}")
     print(f"{'failures':<34}{short['failures'] + burst['failures']:8}")
     print(json.dumps(report))

@@ -4,6 +4,7 @@ segments are the same (real decoder, real Silero VAD through the batcher, real s
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import AsyncIterator
 from functools import cache
 from typing import Any
@@ -30,7 +31,7 @@ def onnx() -> Any:
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % len(data) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 async def pipeline(parts: list[bytes], fmt: PcmFormat | None) -> tuple[str, list[tuple[int, int]]]:
