@@ -49,8 +49,9 @@ async def create_session(request: Request) -> Response:
     raw = await read_json_body(request, registry.runtime.settings.max_config_bytes)
     config = parse_session_config(raw)
     session = registry.create(config)
-    body = {"id": session.id, **links(request, session), "config": config_to_dict(config)}
-    return JSONResponse(body, status_code=201, headers={"Location": body["url"]})
+    urls = links(request, session)
+    body = {"id": session.id, **urls, "config": config_to_dict(config)}
+    return JSONResponse(body, status_code=201, headers={"Location": urls["url"]})
 
 
 async def get_session(request: Request) -> Response:

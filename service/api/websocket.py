@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
 
 # Errors after which the connection cannot usefully go on; every other error is reported and
 # the connection stays usable (the client may send a corrected message).
@@ -305,7 +306,7 @@ class Connection:
             self._outbox.send_nowait(item)
         except anyio.WouldBlock:
             log.warning("websocket client does not read its messages; closing")
-            self._begin_close(1008, "not_reading")
+            self._begin_close(POLICY_VIOLATION, "not_reading")
 
     # -- sending -------------------------------------------------------------------------------
 

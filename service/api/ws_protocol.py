@@ -102,7 +102,9 @@ def parse_message(obj: Any, dialect: Dialect) -> Command:
         if request == "stop":
             return _parse_stop(obj)
         raise _invalid(f'"request" must be "start" or "stop", got {request!r}')
-    if dialect.extended and "type" in obj:
+    # KeepAlive is harmless on the seed's routes too, and lets a seed-era client that pauses
+    # longer than the idle timeout keep its connection.
+    if "type" in obj and (dialect.extended or obj["type"] == "KeepAlive"):
         return _parse_control(obj)
     expected = (
         '{"request": "start"|"stop", ...} or {"type": "KeepAlive"|"Finalize"|"CloseStream"}'

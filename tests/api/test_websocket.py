@@ -151,6 +151,49 @@ async def test_seed_sequence_on_segmented(server: Server) -> None:
     assert_utterances(messages)
 
 
+async def test_seed_interim_results(server: Server) -> None:
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            await ws.send(seed_start(interim=True))
+            # Paced at 4x real time so that utterances last long enough for interim ticks.
+            for chunk in frames(PCM, 3200):
+                await ws.send(chunk)
+                await anyio.sleep(0.025)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+    assert {m["type"] for m in messages} <= SEED_TYPES
+    interims = [m for m in messages if m["type"] == "segment" and not m["is_final"]]
+    assert interims
+    assert_utterances([m for m in messages if m not in interims])
+
+
+async def test_seed_float_pcm_at_48k(server: Server) -> None:
+    fmt = {"channels": 1, "sample_rate": 48000, "bit_depth": 32, "is_float": True}
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            await ws.send(seed_start(fmt))
+            # A 1.35 s excerpt of speech.wav: its first utterance.
+            await send_all(ws, (DATA / "speech_f32le_48k.raw").read_bytes(), 4096)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    assert_utterances(messages, n=1)
+
+
+async def test_seed_8k_stereo_one_vad_per_channel(server: Server) -> None:
+    fmt = {"channels": 2, "sample_rate": 8000, "bit_depth": 16, "is_float": False}
+    with anyio.fail_after(60):
+        async with ws_connect(server, "/api/v1/segmented") as ws:
+            await ws.send(seed_start(fmt))
+            # Speech on channel 0, silence on channel 1; frames of 1000 sample frames.
+            await send_all(ws, (DATA / "speech_s16le_8k_stereo.raw").read_bytes(), 4000)
+            await ws.send(stop(True))
+            messages = await read_until_closed(ws)
+            assert ws.close_code == 1000
+    assert {m["channel"] for m in messages} == {0}
+    assert_utterances(messages)
+
+
 async def test_seed_simple_counts_every_sample(server: Server) -> None:
     with anyio.fail_after(60):
         async with ws_connect(server, "/api/v1/simple") as ws:
@@ -365,6 +408,20 @@ async def test_attach_to_a_session_created_over_http(server: Server) -> None:
             logged = await read_all(client, created["events_url"])
     assert len(finals(messages)) == 3
     assert [e.data for e in logged] == messages[1:]
+
+
+async def test_delete_from_another_client_ends_the_connection(server: Server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        with anyio.fail_after(60):
+            async with ws_connect(server, "/v1/ws") as ws:
+                await ws.send(json.dumps({"request": "start", "format": MONO16}))
+                started = await recv_json(ws)
+                await send_all(ws, PCM[:HALF])
+                r = await client.delete(f"/v1/sessions/{started['session_id']}")
+                assert r.status_code == 202
+                messages = await read_until_closed(ws)
+                assert ws.close_code == 1000 and ws.close_reason == "cancelled"
+    assert messages[-1]["type"] == "end" and messages[-1]["reason"] == "cancelled"
 
 
 # -- a client that leaves ----------------------------------------------------------------------

@@ -124,8 +124,11 @@ def test_deepgram_control_messages_on_v1() -> None:
     assert code_of('{"type":"Finalize","channel":0}') is ErrorCode.UNKNOWN_FIELD
 
 
-def test_control_messages_are_not_part_of_the_seed_protocol() -> None:
-    assert code_of('{"type":"KeepAlive"}', SEED_SEGMENTED) is ErrorCode.INVALID_MESSAGE
+def test_seed_routes_take_keepalive_but_no_other_control_message() -> None:
+    # A seed-era client that pauses past the idle timeout can keep its connection.
+    assert parse_text('{"type":"KeepAlive"}', SEED_SEGMENTED) == KeepAlive()
+    assert code_of('{"type":"Finalize"}', SEED_SEGMENTED) is ErrorCode.INVALID_MESSAGE
+    assert code_of('{"type":"CloseStream"}', SEED_SEGMENTED) is ErrorCode.INVALID_MESSAGE
 
 
 @pytest.mark.parametrize(
