@@ -39,16 +39,18 @@ from service.audio.writer import ChunkWriter
 from service.config import MODEL_SAMPLE_RATE
 from service.errors import ErrorCode, StreamerError
 
-# Low-latency probing, measured (tests/audio/test_latency.py): with FFmpeg's defaults MP3 waits
-# for ~24 KiB; with these, every container starts decoding within its first 2 KiB (FLAC excepted:
-# its header holds an 8 KiB padding block) and as early as 512 bytes for WebM.
+# Low-latency probing, measured (tests/audio/test_streaming.py): with FFmpeg's defaults MP3 waits
+# for ~24 KiB; with these, first audio comes after ~2 KiB for MP3 (FFmpeg's minimum format probe)
+# and Ogg (its first audio page), ~1.3 KiB for MP4, under 0.5 KiB for WebM, ~12 KiB for FLAC (its
+# header carries an 8 KiB padding block). Probing is skipped where a magic number names the
+# demuxer (see sniff.py).
 PROBE_SIZE = "32"
 ANALYZE_DURATION = "0"
 # PyAV's read size: FFmpeg asks for this much per read(); we hand over whatever has arrived.
 READ_BUFFER_BYTES = 32 * 1024
 # Upload chunks queued for the decoding thread: enough that the network side need not wait for
 # every decode step, bounded so a slow decoder pushes back on the upload.
-QUEUED_CHUNKS = 4
+QUEUED_CHUNKS = 8
 # Send decoded audio at least this often (in 16 kHz samples) even when a large upload chunk
 # keeps the decoder busy without a fetch.
 BATCH_SAMPLES = MODEL_SAMPLE_RATE
@@ -70,7 +72,10 @@ class DecodeCancelled(Exception):
 
 
 def _is_cancellation(exc: BaseException) -> bool:
-    return isinstance(exc, concurrent.futures.CancelledError | anyio.get_cancelled_exc_class())
+    # From a worker thread, cancellation surfaces as concurrent.futures' CancelledError (an
+    # Exception) or as the backend's own (asyncio/trio: a BaseException). Backend helpers such
+    # as anyio.get_cancelled_exc_class() cannot be called from the thread.
+    return not isinstance(exc, Exception) or isinstance(exc, concurrent.futures.CancelledError)
 
 
 class _Reader(Protocol):
@@ -163,14 +168,13 @@ class _FrameDecoder:
         name = container_name(demuxer, self._head)
         return StreamerError(
             ErrorCode.DECODE_FAILED,
-            f"the {name} header is damaged or incomplete after {bytes_read} bytes: "
-            f"{_reason(exc)}",
+            f"the {name} header is damaged or incomplete after {bytes_read} bytes: {_reason(exc)}",
         )
 
     def _decode(self, container: av.container.InputContainer, reader: _Reader) -> StreamInfo:
         name = container_name(container.format.name, self._head)
         if not container.streams.audio or container.streams.audio[0].codec_context is None:
-            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+            kinds: list[str] = sorted({s.type for s in container.streams}) or ["no streams"]
             holds = ", ".join(kinds)
             # FFmpeg's image demuxers (png_pipe, webp_pipe, ...) yield a one-frame video
             # stream; an uploaded picture is "not audio", not "a video without sound".
@@ -266,11 +270,11 @@ class _StreamReader:
         self._batch = batch
         self.received_at = received_at
         self.bytes_read = 0
-        self.cancelled = False
+        self.stopped = False
 
     def read(self, n: int) -> bytes:
         if self._offset >= len(self._data):
-            if self.cancelled:
+            if self.stopped:
                 # FFmpeg may read again after an error; PyAV keeps only the first exception
                 # (and prints the rest), so later reads just report the end of the input.
                 return b""
@@ -278,12 +282,12 @@ class _StreamReader:
             try:
                 item = anyio.from_thread.run(self._exchange, self._batch.take())
             except BaseException as exc:
-                if isinstance(exc, Exception) and not _is_cancellation(exc):
-                    raise
+                self.stopped = True
+                if not _is_cancellation(exc):
+                    raise  # e.g. the consumer closed its end; PyAV re-raises it from demux()
                 # Cancellation arrives as asyncio's CancelledError, a BaseException that PyAV's
                 # read callback does not catch (it would log it and call read() again, forever).
                 # Raise an Exception instead: PyAV re-raises it from open()/demux().
-                self.cancelled = True
                 raise DecodeCancelled("the session was cancelled") from None
             if item is None:
                 return b""
@@ -299,9 +303,21 @@ class _StreamReader:
         if samples is not None:
             await self._writer.write(samples, self.received_at)
         try:
-            return await self._chunks.receive()
+            data, received_at = await self._chunks.receive()
         except anyio.EndOfStream:
             return None
+        # Take whatever else is already queued in the same hop: a client sending tiny chunks
+        # would otherwise cost one thread round trip each.
+        parts = [data]
+        size = len(data)
+        while size < READ_BUFFER_BYTES:
+            try:
+                data, received_at = self._chunks.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            parts.append(data)
+            size += len(data)
+        return b"".join(parts), received_at
 
 
 class _BufferReader:
@@ -330,7 +346,11 @@ async def decode_streaming(
     """Decode with FFmpeg as the bytes arrive; ``head`` is what sniffing already read.
 
     Decoded audio is sent before any error is raised. An error from the upload itself (the
-    source iterator) is raised only after everything that did arrive has been decoded.
+    source iterator) is raised only after everything that did arrive has been decoded. When
+    decoding fails, waiting for the next upload chunk is cancelled so the error is reported at
+    once, not when (or if) a stalled client sends more: the source iterator may then have been
+    interrupted inside ``anext()``. When decoding ends before the upload does, the rest of the
+    upload is read and discarded.
     """
     chunk_send, chunk_recv = anyio.create_memory_object_stream[tuple[bytes, float]](QUEUED_CHUNKS)
     batch = _Batch()

@@ -65,7 +65,7 @@ class ArrayResampler:
         return self._take(final=True)
 
     def _collect(self, ch: int, frames: list[AudioFrame]) -> None:
-        self._pending[ch].extend(f.to_ndarray().reshape(-1) for f in frames)
+        self._pending[ch].extend(np.asarray(f.to_ndarray(), np.float32).reshape(-1) for f in frames)
 
     def _take(self, final: bool = False) -> Samples:
         columns = [np.concatenate(p) if p else np.zeros(0, np.float32) for p in self._pending]

@@ -31,10 +31,6 @@ class ByteSource:
         self.bytes_in = 0
         self.received_at = time.monotonic()
 
-    @property
-    def exhausted(self) -> bool:
-        return self._exhausted and not self._pushed
-
     async def pull(self) -> bytes | None:
         """The next non-empty chunk (pushed-back bytes first), or ``None`` at the end."""
         if self._pushed:
@@ -133,7 +129,3 @@ class Head:
         del self.buffer[: self.pos]
         self.pos = 0
         self.replayable = False
-
-
-def too_large(what: str, limit: int) -> StreamerError:
-    return StreamerError(ErrorCode.PAYLOAD_TOO_LARGE, f"{what} is larger than {limit} bytes")

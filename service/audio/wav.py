@@ -21,6 +21,7 @@ WAVE_FORMAT_IEEE_FLOAT = 0x0003
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # A data size of 0 or 0xFFFFFFFF is what writers that cannot seek back (streams, pipes) leave.
 UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+MAX_HEADER_CHUNK_BYTES = 64 * 1024
 
 
 def is_wav(head: bytes) -> bool:
@@ -113,6 +114,9 @@ async def read_header(head: Head) -> WavHeader:
             return WavHeader(fmt, fmt.layout(), data_size)
         padded = size + (size & 1)
         if chunk_id in (b"fmt ", b"ds64"):
+            if size > MAX_HEADER_CHUNK_BYTES:
+                # These are tens of bytes; reading a bogus size would buffer the whole upload.
+                raise _corrupt(f"{chunk_id.decode()!r} chunk claims {size} bytes")
             body = await head.read(padded)
             if body is None:
                 raise _corrupt(f"the upload ended inside the {chunk_id.decode()!r} chunk")

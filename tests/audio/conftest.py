@@ -127,16 +127,24 @@ def fmt_chunk(
     tag: int, channels: int, rate: int, width: int, *, extensible: bool = False, valid: int = 0
 ) -> bytes:
     block = channels * width
-    body = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * block,
-                       block, width * 8)
+    body = struct.pack(
+        "<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * block, block, width * 8
+    )
     if extensible:
         guid_tail = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
         body += struct.pack("<HHI", 22, valid or width * 8, 0) + struct.pack("<H", tag) + guid_tail
     return riff_chunk(b"fmt ", body)
 
 
-def make_wav(fmt: bytes, pcm: bytes, *, before_data: bytes = b"", after_data: bytes = b"",
-             data_size: int | None = None, riff_id: bytes = b"RIFF") -> bytes:
+def make_wav(
+    fmt: bytes,
+    pcm: bytes,
+    *,
+    before_data: bytes = b"",
+    after_data: bytes = b"",
+    data_size: int | None = None,
+    riff_id: bytes = b"RIFF",
+) -> bytes:
     data = riff_chunk(b"data", pcm, data_size)
     body = b"WAVE" + fmt + before_data + data + after_data
     return riff_id + struct.pack("<I", len(body)) + body
@@ -150,7 +158,8 @@ def encode_with_pyav(samples: np.ndarray, rate: int, container: str, codec: str)
     with av.open(buffer, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=rate, layout="mono")
         frame = av.AudioFrame.from_ndarray(
-            (np.clip(samples, -1, 1) * 32767).astype("<i2").reshape(1, -1), format="s16",
+            (np.clip(samples, -1, 1) * 32767).astype("<i2").reshape(1, -1),
+            format="s16",
             layout="mono",
         )
         frame.sample_rate = rate

@@ -29,7 +29,14 @@ def threads_in_decoder() -> list[str]:
 
 async def wait_until_no_decoder_thread() -> None:
     with anyio.fail_after(3):
+        # Polling another thread's stack: there is no event to wait on.
         while threads_in_decoder():
+            await anyio.sleep(0.01)
+
+
+async def wait_for_decoder_thread() -> None:
+    with anyio.fail_after(3):
+        while not threads_in_decoder():
             await anyio.sleep(0.01)
 
 
@@ -62,7 +69,7 @@ async def test_cancel_while_waiting_for_the_upload(name, upto, wait_for_audio, d
                 with anyio.move_on_after(0.2):
                     await receive.receive()
                     pytest.fail("no audio expected yet")
-            assert threads_in_decoder()
+            await wait_for_decoder_thread()
             tg.cancel_scope.cancel()
     await wait_until_no_decoder_thread()
     # No "exception ignored" noise from PyAV's read callback.
@@ -82,9 +89,7 @@ async def test_cancel_while_downstream_is_full(name, data) -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg, receive:
             tg.start_soon(decode, whole(), None, send)
-            with anyio.fail_after(3):
-                while not threads_in_decoder():
-                    await anyio.sleep(0.01)
+            await wait_for_decoder_thread()
             await anyio.sleep(0.1)
             tg.cancel_scope.cancel()
     await wait_until_no_decoder_thread()
@@ -99,3 +104,29 @@ async def test_decoding_works_after_cancellations(data, decode_bytes) -> None:
     out = await decode_bytes(data("speech.ogg"))
     assert out.error is None
     await wait_until_no_decoder_thread()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["speech.ogg", "speech.mp3", "speech.wav"])
+async def test_consumer_going_away_ends_decoding(name, data, capfd) -> None:
+    """If the next stage closes its end, decode stops with that error instead of reading on."""
+    raw = data(name)
+    send, receive = anyio.create_memory_object_stream[AudioChunk](0)
+
+    async def slowly():
+        for i in range(0, len(raw), 500):
+            yield raw[i : i + 500]
+            await anyio.sleep(0.001)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+
+            async def consume_one_then_close() -> None:
+                async with receive:
+                    await receive.receive()
+
+            tg.start_soon(consume_one_then_close)
+            with pytest.raises(anyio.BrokenResourceError):
+                await decode(slowly(), None, send)
+    await wait_until_no_decoder_thread()
+    assert "Traceback" not in capfd.readouterr().err

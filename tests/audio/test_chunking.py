@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import anyio
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +23,7 @@ SETTINGS = settings(
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
     bounds = sorted({min(p, len(data)) for p in points} | {0, len(data)})
-    pieces = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
     # Empty pieces are legal too (a transport may deliver them); put some in.
     return [b"", *pieces[:1], b"", *pieces[1:]] if pieces else [b""]
 
@@ -41,9 +43,7 @@ def _pcm(n_bytes: int, seed: int) -> bytes:
 
 
 RAW_S16_8K_STEREO = _pcm(4 * 1500, 1)
-RAW_F32_48K = (
-    (np.random.default_rng(2).standard_normal(4000) * 0.3).astype("<f4").tobytes()
-)
+RAW_F32_48K = (np.random.default_rng(2).standard_normal(4000) * 0.3).astype("<f4").tobytes()
 
 cut_points = st.lists(st.integers(0, 7000), max_size=30)
 
@@ -63,8 +63,9 @@ def test_raw_f32_48k(points, decode_chunks) -> None:
 @SETTINGS
 @given(
     points=cut_points,
-    layout=st.sampled_from([(1, 1, 16000), (2, 1, 22050), (3, 3, 44100), (1, 2, 16000),
-                            (2, 4, 48000), (1, 3, 8000)]),
+    layout=st.sampled_from(
+        [(1, 1, 16000), (2, 1, 22050), (3, 3, 44100), (1, 2, 16000), (2, 4, 48000), (1, 3, 8000)]
+    ),
 )
 def test_wav(points, layout, decode_chunks, wav) -> None:
     """WAV in every sample width (8-bit unsigned, 16/24/32-bit int, 32-bit float via tag 3)."""

@@ -176,8 +176,12 @@ class UploadBroke(Exception):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("name", "fmt"), [("speech.ogg", None), ("speech.wav", None),
-                      ("speech_s16le_8k_stereo.raw", PcmFormat(2, 8000, 16, False))]
+    ("name", "fmt"),
+    [
+        ("speech.ogg", None),
+        ("speech.wav", None),
+        ("speech_s16le_8k_stereo.raw", PcmFormat(2, 8000, 16, False)),
+    ],
 )
 async def test_source_error_propagates_after_the_audio_so_far(name, fmt, data) -> None:
     raw = data(name)
