@@ -478,15 +478,21 @@ async function startMicrophone() {
     r.stream = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
     });
-    if (run !== r) return;
+    // Stop may have been pressed while the browser asked for permission or the session opened.
+    if (r.finished) return releaseInputs(r);
     const input = await monoInput(r, r.stream);
     r.recorder = new MediaRecorder(input, type ? { mimeType: type } : undefined);
     await openSession(r, r.recorder.mimeType || type);
-    if (run !== r || r.finished) return;
+    if (r.finished) return releaseInputs(r);
     r.recorder.ondataavailable = (e) => {
       if (e.data.size) enqueue(r, e.data);
     };
     r.recorder.onstop = () => endUpload(r);
+    r.recorder.onerror = (e) => {
+      uploadFailed(r, { code: "recorder_failed", message: e.error?.message ?? "recording failed" });
+    };
+    // An unplugged microphone ends its track: finish the session with what was recorded.
+    for (const track of r.stream.getAudioTracks()) track.addEventListener("ended", stop);
     r.recorder.start(SLICE_MS);
     r.clockStart = performance.now();
     timeline.ensureLane(0);
@@ -560,9 +566,10 @@ async function startFile(file) {
 
 function stop() {
   const r = run;
-  if (!r || r.finished) return;
+  if (!r || r.finished || r.uploadDone || r.stopRequested) return;
   if (r.recorder && r.recorder.state !== "inactive") {
     // The final dataavailable comes before onstop, which ends the upload.
+    r.stopRequested = true;
     r.recorder.stop();
     for (const track of r.stream.getTracks()) track.stop();
     r.clockStart = null;
@@ -574,7 +581,8 @@ function stop() {
     r.player?.pause();
     setState("stopping");
   } else {
-    finish(r, "ended");
+    // Still starting (a permission prompt, or the session being created): nothing was sent.
+    finish(r, "idle");
   }
 }
 

@@ -20,18 +20,24 @@ export class EventStream {
     this.received = 0;
     this.duplicates = 0;
     this.reconnects = 0;
+    this.dropped = false;
     this.ended = false;
   }
 
   /** (Re)open the stream; `replay` asks for the whole log again (duplicates are dropped). */
   open({ replay = false } = {}) {
     this.source?.close();
+    this.dropped = false;
     const url = new URL(withToken(this.url, this.apiKey), location.href);
     if (this.lastId && !replay) url.searchParams.set("last_event_id", String(this.lastId));
     const source = new EventSource(url.href);
     this.source = source;
     this.onStatus("connecting");
-    source.addEventListener("open", () => this.onStatus("open"));
+    source.addEventListener("open", () => {
+      if (this.dropped) this.reconnects += 1; // the browser's own reconnect, with Last-Event-ID
+      this.dropped = false;
+      this.onStatus("open");
+    });
     for (const type of [...TYPES, "message"]) {
       source.addEventListener(type, (e) => this.#receive(source, e));
     }
@@ -56,6 +62,7 @@ export class EventStream {
       if (source.readyState === EventSource.CLOSED) {
         this.onStatus("closed");
       } else {
+        this.dropped = true;
         this.onStatus("reconnecting");
       }
       return;

@@ -55,7 +55,10 @@ export class Timeline {
     this.resultsEl = results;
     this.countsEl = counts;
     this.follow = false;
-    this.reset();
+    this.lanes = new Map();
+    this.now = 0;
+    this.live = false;
+    this.axisTrack = null; // built by reset(), when the first session starts
   }
 
   reset() {
@@ -191,6 +194,7 @@ export class Timeline {
   }
 
   render() {
+    if (!this.axisTrack) return;
     const [t0, t1] = this.view();
     const span = t1 - t0;
     const pct = (t) => `${(((t - t0) / span) * 100).toFixed(3)}%`;
@@ -205,11 +209,12 @@ export class Timeline {
     this.#ticks(t0, t1);
     let finals = 0;
     let interims = 0;
+    const trackPx = this.lanes.values().next().value?.track.clientWidth || 600;
     for (const lane of this.lanes.values()) {
       for (const band of lane.speech) place(band.el, band.start, band.end ?? this.now);
       for (const item of [...lane.finals, ...lane.interims, ...lane.errors]) {
         place(item.el, item.start, item.end);
-        item.el.classList.toggle("narrow", ((item.end - item.start) / span) * 100 < 6);
+        item.el.classList.toggle("narrow", ((item.end - item.start) / span) * trackPx < 44);
       }
       lane.cursor.hidden = !this.live;
       lane.cursor.style.left = pct(Math.min(this.now, t1));

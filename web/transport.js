@@ -25,22 +25,35 @@ export function supportsRequestStreams() {
   }
 }
 
+/** The protocol the page itself arrived over ("h2", "http/1.1"; "" when the browser won't say). */
+function pageProtocol() {
+  try {
+    return performance.getEntriesByType("navigation")[0]?.nextHopProtocol ?? "";
+  } catch {
+    return "";
+  }
+}
+
 /** Which upload to use, and why, for a preference of "auto", "fetch" or "websocket". */
 export function chooseTransport(preference = "auto", loc = location) {
-  const secure = loc.protocol === "https:";
-  const streams = supportsRequestStreams();
   if (preference === "websocket") {
     return { name: "websocket", reason: "chosen in settings" };
   }
-  if (secure && streams) {
+  const protocol = pageProtocol();
+  let why = "";
+  if (loc.protocol !== "https:") {
+    why = "the page is not on HTTPS, and browsers stream request bodies only over HTTP/2";
+  } else if (!supportsRequestStreams()) {
+    why = "this browser cannot stream request bodies";
+  } else if (protocol.startsWith("http/1")) {
+    why = `the page came over ${protocol.toUpperCase()}; streaming a request body needs HTTP/2`;
+  }
+  if (!why) {
     return {
       name: "fetch",
-      reason: preference === "fetch" ? "chosen in settings" : "HTTPS and streaming request bodies",
+      reason: preference === "fetch" ? "chosen in settings" : "HTTPS with HTTP/2, and streaming request bodies",
     };
   }
-  const why = !secure
-    ? "the page is not on HTTPS, and browsers stream request bodies only over HTTP/2"
-    : "this browser cannot stream request bodies";
   return { name: "websocket", reason: preference === "fetch" ? `fetch unavailable: ${why}` : why };
 }
 
@@ -61,11 +74,24 @@ async function apiError(response) {
   } catch {
     // Not JSON (a proxy's error page): the status line is all we have.
   }
+  if (response.status === 401) message += " (Settings → Connection → API key)";
   return new ApiError(code, message, response.status);
 }
 
 function authHeaders(apiKey) {
   return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+}
+
+async function explainRefusal(apiKey) {
+  try {
+    const r = await fetch("/v1/sessions/-", { headers: authHeaders(apiKey) });
+    if (r.status === 401) {
+      return await apiError(r);
+    }
+  } catch {
+    // The service is unreachable; the WebSocket's own failure says enough.
+  }
+  return null;
 }
 
 export function withToken(url, apiKey) {
@@ -206,11 +232,13 @@ export class WebSocketUpload {
         }
         // After "started" every event arrives on SSE too; the page reads that one.
       });
-      ws.addEventListener("close", (e) => {
+      ws.addEventListener("close", async (e) => {
         clearTimeout(timer);
         if (!started) {
+          // A refused handshake reaches a page as a bare 1006; ask over HTTP what is wrong.
+          const refusal = e.code === 1006 ? await explainRefusal(this.apiKey) : null;
           const why = e.reason || (e.code === 1006 ? "connection failed" : `code ${e.code}`);
-          reject(new ApiError("websocket_closed", `WebSocket closed before the session started: ${why}`));
+          reject(refusal ?? new ApiError("websocket_closed", `WebSocket closed before the session started: ${why}`));
         } else if (!this.finishing) {
           const why = e.reason || `code ${e.code}`;
           this.onerror?.(new ApiError("websocket_closed", `WebSocket closed while sending audio: ${why}`));

@@ -1,0 +1,330 @@
+"""The browser page in real Chromium (Debian's), with a fake microphone playing generated speech.
+
+Each microphone test records ``tests/data/speech.wav`` (three utterances) plus trailing silence
+and expects the page to show exactly one final segment per utterance: over the WebSocket when the
+page is on plain HTTP, over a streaming ``fetch`` when it is on HTTP/2 with TLS. Screenshots of
+the page mid-session go to ``artifacts/web/``.
+
+Every wait is bounded by a Playwright timeout; a test that hangs fails within ``WAIT_MS``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import DATA, ROOT, Server, start_server, stop_server
+from tests.web.dropping_proxy import DroppingProxy
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "artifacts" / "web"
+UTTERANCES = 3
+LEAD_SILENCE_S = 0.3
+TRAIL_SILENCE_S = 2.5  # > redemption (600 ms) + pre-speech pad: the last utterance must end
+WAIT_MS = 30_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Debian chromium is not at {CHROMIUM}"),
+]
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def fake_mic_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """speech.wav at 48 kHz (what a microphone delivers) with silence around it."""
+    with wave.open(str(DATA / "speech.wav")) as w:
+        assert (w.getnchannels(), w.getsampwidth()) == (1, 2)
+        rate = w.getframerate()
+        speech = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float64)
+    out_rate = 48_000
+    t_in = np.arange(len(speech)) / rate
+    t_out = np.arange(int(len(speech) * out_rate / rate)) / out_rate
+    resampled = np.interp(t_out, t_in, speech)
+    audio = np.concatenate(
+        [
+            np.zeros(int(LEAD_SILENCE_S * out_rate)),
+            resampled,
+            np.zeros(int(TRAIL_SILENCE_S * out_rate)),
+        ]
+    )
+    path = tmp_path_factory.mktemp("mic") / "speech_48k.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(out_rate)
+        w.writeframes(np.clip(audio, -32768, 32767).astype("<i2").tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(fake_mic_wav: Path) -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            timeout=WAIT_MS,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--ignore-certificate-errors",
+                "--autoplay-policy=no-user-gesture-required",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={fake_mic_wav}%noloop",
+            ],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("http"))
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("https")
+    certs = tmp / "certs"
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "dev_cert.sh"), str(certs)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    s = start_server(
+        tmp,
+        args=[
+            "--certfile",
+            str(certs / "localhost.pem"),
+            "--keyfile",
+            str(certs / "localhost-key.pem"),
+        ],
+    )
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(WAIT_MS)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield pg
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def open_page(page: Any, server: Server, query: str = "") -> None:
+    page.goto(f"{server.url}/{query}")
+    page.wait_for_selector("main[data-state='idle']")
+
+
+def wait_state(page: Any, state: str) -> None:
+    page.wait_for_selector(f"main[data-state='{state}']", timeout=WAIT_MS)
+
+
+def wait_finals(page: Any, n: int) -> None:
+    page.wait_for_function(
+        "n => document.querySelectorAll('#results .result[data-final=\"true\"]').length >= n",
+        arg=n,
+        timeout=WAIT_MS,
+    )
+
+
+def screenshot(page: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+RESULTS_JS = """() => {
+    const all = (s) => [...document.querySelectorAll(s)];
+    const summary = document.getElementById('summary');
+    return {
+        finals: all('#results .result[data-final="true"]')
+            .map((r) => ({start: Number(r.dataset.start), channel: Number(r.dataset.channel)})),
+        interims: all('#results .result[data-final="false"]').length,
+        finalBars: all('#timeline .bar.segment[data-final="true"]').length,
+        interimBars: all('#timeline .bar.segment[data-final="false"]').length,
+        errors: all('#errors .error-item').map((e) => e.textContent),
+        summary: summary.textContent,
+        reason: summary.dataset.reason,
+        log: all('#log li code').map((c) => JSON.parse(c.textContent)),
+        logIds: all('#log li .log-id').map((e) => e.textContent),
+        duplicates: Number(document.getElementById('events-status').dataset.duplicates || 0),
+    };
+}"""
+
+
+def page_results(page: Any) -> dict[str, Any]:
+    result: dict[str, Any] = page.evaluate(RESULTS_JS)
+    return result
+
+
+def assert_one_final_per_utterance(result: dict[str, Any]) -> None:
+    assert result["errors"] == []
+    assert len(result["finals"]) == UTTERANCES, result
+    assert result["finalBars"] == UTTERANCES
+    # Interim results, if any, were all replaced by their finals.
+    assert result["interims"] == 0 and result["interimBars"] == 0
+    assert all(f["channel"] == 0 for f in result["finals"])
+    starts = [f["start"] for f in result["finals"]]
+    assert starts == sorted(starts)
+    # Each event shown once: the log holds ids 1..n with no gaps or repeats.
+    ids = [int(i.lstrip("#")) for i in result["logIds"]]
+    assert ids == list(range(1, len(ids) + 1))
+    assert result["reason"] == "completed"
+    assert f"{UTTERANCES} segments" in result["summary"]
+
+
+def record(page: Any, name: str, after_first_final: Any, shot_when: str) -> dict[str, Any]:
+    """Record the fake microphone to the end, calling ``after_first_final()`` once the first
+    final shows. The screenshot is taken during the third utterance, once ``shot_when`` shows."""
+    page.click("#record")
+    wait_state(page, "running")
+    wait_finals(page, 1)
+    after_first_final()
+    wait_finals(page, 2)
+    page.wait_for_selector(shot_when, timeout=WAIT_MS)
+    screenshot(page, name)
+    wait_finals(page, UTTERANCES)
+    page.click("#stop")
+    wait_state(page, "ended")
+    return page_results(page)
+
+
+def duplicates(page: Any) -> int:
+    return int(page.get_attribute("#events-status", "data-duplicates") or 0)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_microphone_over_websocket(page: Any, http_server: Server) -> None:
+    """Also: the event stream survives a cut connection (the browser reconnects by itself with
+    Last-Event-ID) and a full replay (every event already shown is dropped)."""
+    proxy = DroppingProxy(http_server.port).start()
+    sse = b"/events HTTP/1.1"  # the EventSource's request, not /events.js
+
+    def cut_then_replay() -> None:
+        assert proxy.drop(sse) == 1
+        page.wait_for_selector("#events-status[data-state='reconnecting']", timeout=WAIT_MS)
+        page.wait_for_selector("#events-status[data-state='open']", timeout=WAIT_MS)
+        wait_finals(page, 2)  # arrived on the resumed stream: after the last id, nothing twice
+        assert duplicates(page) == 0
+        resumed = [r for r in proxy.requests(sse) if b"last-event-id:" in r.lower()]
+        assert len(resumed) == 1, proxy.requests(sse)
+        assert page.evaluate("() => window.streamer.reconnectEvents({replay: true})")
+        page.wait_for_function(
+            "() => Number(document.getElementById('events-status').dataset.duplicates) > 0",
+            timeout=WAIT_MS,
+        )
+        assert page.locator('#results .result[data-final="true"]').count() == 2
+
+    try:
+        page.goto(f"{proxy.url}/")
+        wait_state(page, "idle")
+        assert page.locator("#transport").inner_text() == "WebSocket"
+        result = record(
+            page, "microphone-websocket", cut_then_replay, shot_when="#timeline .band.active"
+        )
+    finally:
+        proxy.close()
+    assert page.get_attribute("main", "data-transport") == "websocket"
+    assert result["duplicates"] > 0
+    assert_one_final_per_utterance(result)
+
+
+def test_microphone_over_http2_fetch(page: Any, https_server: Server) -> None:
+    open_page(page, https_server)
+    protocol = page.evaluate("() => performance.getEntriesByType('navigation')[0].nextHopProtocol")
+    assert protocol == "h2"
+    assert page.locator("#transport").inner_text() == "fetch stream (HTTP/2)"
+    # Interim results on, so replacing them by finals is exercised too.
+    page.check("input[name=interim_results]")
+    result = record(
+        page,
+        "microphone-fetch-h2",
+        lambda: page.click("#reconnect"),  # reopens after the last id seen
+        shot_when="#timeline .bar.interim",
+    )
+    assert page.get_attribute("main", "data-transport") == "fetch"
+    assert result["duplicates"] == 0
+    assert any(e.get("type") == "segment" and not e["is_final"] for e in result["log"]), (
+        "expected interim results"
+    )
+    assert_one_final_per_utterance(result)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_file_picker_streams_a_file(page: Any, scheme: str, request: pytest.FixtureRequest) -> None:
+    server: Server = request.getfixturevalue(f"{scheme}_server")
+    open_page(page, server)
+    page.uncheck("#realtime")  # as fast as it can go; pacing is for people watching
+    page.set_input_files("#file", str(DATA / "speech.wav"))
+    wait_state(page, "ended")
+    assert page.get_attribute("main", "data-source") == "file"
+    assert page.get_attribute("main", "data-transport") == (
+        "fetch" if scheme == "https" else "websocket"
+    )
+    assert_one_final_per_utterance(page_results(page))
+
+
+def test_transport_can_be_forced_and_errors_show_plainly(page: Any, http_server: Server) -> None:
+    # fetch cannot stream over HTTP/1.1: the page says so and uses the WebSocket.
+    open_page(page, http_server, "?transport=fetch")
+    assert page.locator("#transport").inner_text() == "WebSocket"
+    assert "fetch unavailable" in (page.get_attribute("#transport", "title") or "")
+    # A server-side rejection reaches the page as a readable error, not a silent failure.
+    page.fill("input[name=api_key]", "not-needed")  # accepted and ignored: no key configured
+    page.set_input_files(
+        "#file",
+        files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not audio " * 100}],
+    )
+    wait_state(page, "ended")
+    errors = page.locator("#errors .error-item").all_inner_texts()
+    assert errors and any("unsupported_format" in e or "decode" in e for e in errors), errors
+    assert page.locator('#results .result[data-final="true"]').count() == 0
+
+
+def test_api_key_from_settings(page: Any, tmp_path: Path) -> None:
+    server = start_server(tmp_path, env={"STREAMER_API_KEY": "sesame"})
+    try:
+        open_page(page, server)
+        page.uncheck("#realtime")
+        page.set_input_files("#file", str(DATA / "speech.wav"))
+        wait_state(page, "failed")
+        # The WebSocket handshake is refused without a reason; the page finds out why.
+        assert "unauthorized" in page.locator("#errors").inner_text()
+        page.fill("input[name=api_key]", "sesame")
+        page.set_input_files("#file", str(DATA / "speech.wav"))
+        wait_state(page, "ended")
+        assert_one_final_per_utterance(page_results(page))
+    finally:
+        stop_server(server)
