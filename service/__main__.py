@@ -4,6 +4,10 @@ HTTP/1.1 and h2c (prior knowledge) share the port; with ``--certfile``/``--keyfi
 ``STREAMER_CERTFILE``/``STREAMER_KEYFILE``) it serves TLS with HTTP/2 negotiated by ALPN.
 On SIGTERM/SIGINT live sessions end with ``end {reason: "shutdown"}`` before hypercorn's own
 graceful shutdown, so SSE subscribers see it.
+
+``--workers N`` (N > 1) needs ``REDIS_URL``: this process then supervises N worker processes
+that share one listening socket and serve every session from Redis (docs/scaling.md). Without
+Redis it refuses (exit code 2): in-memory sessions cannot be shared between processes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from service.app import create_app, shutdown_sessions
+from service.observability.logs import configure_logging
 from service.settings import Settings
+from service.workers import supervise
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -41,7 +47,8 @@ def hypercorn_config(settings: Settings) -> Config:
     config.alpn_protocols = ["h2", "http/1.1"]
     config.graceful_timeout = settings.shutdown_grace_seconds
     config.accesslog = None
-    config.errorlog = "-"
+    # Hypercorn's own records go through our handler (JSON lines), not a handler of its own.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.log_level
     # Audio bodies are streamed and limited by the session; headers stay small.
     config.h11_max_incomplete_size = 64 * 1024
@@ -64,18 +71,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         if v is not None
     }
     settings = Settings.from_env(**overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    if settings.workers != 1:
-        sys.exit("--workers > 1 needs a shared event log (REDIS_URL); not supported yet")
+    _configure_logging(settings)
+    if settings.workers < 1:
+        print("python -m service: --workers must be at least 1", file=sys.stderr)
+        sys.exit(2)
+    if settings.workers > 1:
+        if not settings.redis_url:
+            print(
+                f"python -m service: --workers {settings.workers} needs REDIS_URL (or "
+                "STREAMER_REDIS_URL): without it sessions and their event logs live in one "
+                "process's memory and cannot be shared between workers. Run one worker, or see "
+                "docs/scaling.md.",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        sys.exit(supervise(settings, hypercorn_config(settings)))
     app = create_app(settings)
     asyncio.run(_serve(app, settings))
 
 
-async def _serve(app: object, settings: Settings) -> None:
+def _configure_logging(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
+
+
+def run_worker(settings: Settings, bind: list[str]) -> None:
+    """One worker of ``--workers N``, in its own process, serving on inherited sockets."""
+    _configure_logging(settings)
+    app = create_app(settings)
+    asyncio.run(_serve(app, settings, bind=bind))
+
+
+async def _serve(app: object, settings: Settings, bind: list[str] | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,7 +112,10 @@ async def _serve(app: object, settings: Settings) -> None:
         logging.getLogger("service").info("shutting down: ending live sessions")
         await shutdown_sessions(app)  # type: ignore[arg-type]
 
-    await serve(app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    config = hypercorn_config(settings)
+    if bind is not None:
+        config.bind = bind
+    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

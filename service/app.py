@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -20,10 +21,13 @@ from service.api.security import ApiKeyMiddleware
 from service.errors import StreamerError
 from service.model.base import load_model
 from service.model.runner import ModelRunner
+from service.observability import Observability
 from service.runtime import Runtime
 from service.session.observer import SessionObserver
 from service.session.registry import Registry
 from service.settings import Settings
+from service.store import open_store
+from service.store.memory import warn_if_unshared_workers
 from service.vad.batcher import VadBatcher
 from service.vad.silero import load_session
 
@@ -31,9 +35,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings | None = None, *, observer: SessionObserver | None = None
+    settings: Settings | None = None,
+    *,
+    observer: SessionObserver | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> Starlette:
     settings = settings or Settings.from_env()
+    # Metrics, traces (from OTEL_* variables; span_exporter is for tests) and log context.
+    observability = Observability.create(observer=observer, span_exporter=span_exporter)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -46,29 +55,39 @@ def create_app(
                 max_batch=settings.vad_max_batch,
                 max_wait_s=settings.vad_max_wait_ms / 1000,
                 limiter=anyio.CapacityLimiter(settings.vad_threads),
+                on_batch=observability.metrics.vad_batch,
             ),
             models=ModelRunner(
                 model,
                 anyio.CapacityLimiter(settings.model_threads),
                 max_in_flight_per_session=settings.model_in_flight_per_session,
+                observer=observability.model_observer,
             ),
-            observer=observer or SessionObserver(),
+            observer=observability.session_observer,
         )
+        observability.start(runtime.models.limiter)
         # sse-starlette only detects uvicorn's shutdown; under hypercorn we set this ourselves.
         app.state.shutdown_event = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(runtime.batcher.run)
-            app.state.registry = Registry(runtime, tg)
-            log.info("ready", extra={"model": settings.model})
-            try:
-                yield
-            finally:
-                await shutdown_sessions(app)
-                tg.cancel_scope.cancel()
+        store = open_store(settings)
+        warn_if_unshared_workers(store)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(runtime.batcher.run)
+                app.state.registry = Registry(runtime, tg, store)
+                log.info("ready", extra={"model": settings.model, "worker": store.worker_id})
+                try:
+                    yield
+                finally:
+                    await shutdown_sessions(app)
+                    await observability.aclose()  # the sessions' spans have ended: flush
+                    tg.cancel_scope.cancel()
+        finally:
+            await store.aclose()
 
     routes = [
         Route("/healthz", health.healthz),
         Route("/readyz", health.readyz),
+        Route("/metrics", observability.metrics.endpoint),
         Route("/v1/sessions", sessions.create_session, methods=["POST"]),
         Route("/v1/sessions/{session_id}", sessions.get_session, methods=["GET"]),
         Route("/v1/sessions/{session_id}", sessions.delete_session, methods=["DELETE"]),
@@ -91,17 +110,19 @@ def create_app(
                 expose_headers=["Location"],
             ),
         )
+    middleware[:0] = observability.middleware()  # outermost: the server span covers it all
     app = Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
-            StreamerError: streamer_error_handler,
+            StreamerError: observability.metrics.count_errors(streamer_error_handler),
             HTTPException: http_error_handler,
             Exception: internal_error_handler,
         },
     )
     app.state.settings = settings
+    app.state.observability = observability
     return app
 
 

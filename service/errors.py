@@ -42,6 +42,8 @@ class ErrorCode(StrEnum):
     MODEL_FAILED = "model_failed"
     MODEL_PANIC = "model_panic"
     INTERNAL = "internal_error"
+    # the shared session store (Redis) cannot be reached, or lost the session's state
+    STORE_UNAVAILABLE = "store_unavailable"
 
 
 _STATUS: dict[ErrorCode, int] = {
@@ -70,6 +72,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_FAILED: 500,
     ErrorCode.MODEL_PANIC: 500,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.STORE_UNAVAILABLE: 503,
 }
 
 # RFC 6455 section 7.4.1: 1003 data it cannot accept, 1007 inconsistent data, 1008 policy,
@@ -90,6 +93,7 @@ _WS_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.DURATION_EXCEEDED: 1009,
     ErrorCode.IDLE_TIMEOUT: 1008,
     ErrorCode.INTERNAL: 1011,
+    ErrorCode.STORE_UNAVAILABLE: 1013,
 }
 
 
@@ -114,3 +118,12 @@ class StreamerError(Exception):
 
     def __repr__(self) -> str:
         return f"StreamerError({self.code.value!r}, {self.message!r})"
+
+
+class StoreUnavailable(StreamerError):
+    """The shared session store (Redis) failed: unreachable after bounded retries, or it no
+    longer holds the session (restarted without persistence, or the lease was lost). A
+    transient condition for the client: 503 with ``Retry-After``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.STORE_UNAVAILABLE, message)

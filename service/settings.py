@@ -55,7 +55,15 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
 
     log_level: str = "INFO"
-    redis_url: str | None = None
+    log_format: str = "json"  # or "text"; one JSON object per line carries session and trace ids
+
+    # Several workers and hosts (docs/scaling.md). Unset: sessions and logs stay in this process.
+    redis_url: str | None = None  # also REDIS_URL
+    redis_prefix: str = "streamer"  # key prefix, so deployments can share one Redis
+    redis_lease_seconds: float = 5.0  # an owner silent this long is declared lost
+    redis_poll_seconds: float = 1.0  # longest blocking read before a reader re-checks the owner
+    redis_timeout_seconds: float = 2.0  # connect/command timeout; a few retries fit inside
+    redis_stream_maxlen: int = 100_000  # events kept per session (approximate trim)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

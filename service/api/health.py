@@ -12,6 +12,16 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     registry = getattr(request.app.state, "registry", None)
-    if registry is None or not registry.accepting:
-        return JSONResponse({"status": "not ready"}, status_code=503, headers={"Retry-After": "5"})
-    return JSONResponse({"status": "ready", "sessions": registry.live})
+    # Not ready while starting, shutting down, or (with Redis) while the store is unreachable:
+    # a load balancer then sends new sessions to workers that can serve them.
+    reason = "starting" if registry is None else await registry.unready_reason()
+    if registry is None or reason is not None:
+        return JSONResponse(
+            {"status": "not ready", "reason": reason},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+    body = {"status": "ready", "sessions": registry.live}
+    if registry.store.shared:
+        body["worker"] = registry.store.worker_id
+    return JSONResponse(body)

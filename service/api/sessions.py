@@ -11,7 +11,6 @@ from starlette.responses import JSONResponse, Response
 from service.config import config_to_dict, parse_session_config
 from service.errors import ErrorCode, StreamerError
 from service.session.registry import Registry
-from service.session.session import EndReason, Session
 
 
 def registry_of(request: Request) -> Registry:
@@ -33,14 +32,14 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise StreamerError(ErrorCode.INVALID_JSON, f"body is not valid JSON: {exc}") from None
 
 
-def links(request: Request, session: Session) -> dict[str, str]:
+def links(request: Request, session_id: str) -> dict[str, str]:
     base = str(request.base_url).rstrip("/")
     ws = base.replace("http", "ws", 1)
     return {
-        "url": f"{base}/v1/sessions/{session.id}",
-        "audio_url": f"{base}/v1/sessions/{session.id}/audio",
-        "events_url": f"{base}/v1/sessions/{session.id}/events",
-        "ws_url": f"{ws}/v1/ws?session={session.id}",
+        "url": f"{base}/v1/sessions/{session_id}",
+        "audio_url": f"{base}/v1/sessions/{session_id}/audio",
+        "events_url": f"{base}/v1/sessions/{session_id}/events",
+        "ws_url": f"{ws}/v1/ws?session={session_id}",
     }
 
 
@@ -48,18 +47,18 @@ async def create_session(request: Request) -> Response:
     registry = registry_of(request)
     raw = await read_json_body(request, registry.runtime.settings.max_config_bytes)
     config = parse_session_config(raw)
-    session = registry.create(config)
-    urls = links(request, session)
-    body = {"id": session.id, **urls, "config": config_to_dict(config)}
+    session_id = await registry.create(config)
+    urls = links(request, session_id)
+    body = {"id": session_id, **urls, "config": config_to_dict(config)}
     return JSONResponse(body, status_code=201, headers={"Location": urls["url"]})
 
 
 async def get_session(request: Request) -> Response:
-    session = registry_of(request).get(request.path_params["session_id"])
-    return JSONResponse({**session.status(), **links(request, session)})
+    session_id = request.path_params["session_id"]
+    status = await registry_of(request).status(session_id)
+    return JSONResponse({**status, **links(request, session_id)})
 
 
 async def delete_session(request: Request) -> Response:
-    session = registry_of(request).get(request.path_params["session_id"])
-    session.cancel(EndReason.CANCELLED)
-    return JSONResponse(session.status(), status_code=202)
+    status = await registry_of(request).cancel(request.path_params["session_id"])
+    return JSONResponse(status, status_code=202)

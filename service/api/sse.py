@@ -15,9 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.api.sessions import registry_of
-from service.errors import ErrorCode, StreamerError
+from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.encode import to_json
 from service.events.log import EventLog
+from service.events.types import Error
 
 RETRY_MS = 1000
 
@@ -38,10 +39,10 @@ def resume_after(request: Request) -> int:
 
 async def stream_events(request: Request) -> Response:
     registry = registry_of(request)
-    session = registry.get(request.path_params["session_id"])
+    log = await registry.events(request.path_params["session_id"])
     after = resume_after(request)
     settings = registry.runtime.settings
-    events = registry.runtime.observer.subscriber(_events(session.log, after))
+    events = registry.runtime.observer.subscriber(_events(log, after))
     return EventSourceResponse(
         events,
         ping=settings.sse_ping_seconds,
@@ -55,12 +56,20 @@ async def stream_events(request: Request) -> Response:
 
 async def _events(log: EventLog, after: int) -> AsyncIterator[ServerSentEvent]:
     first = True
-    async for event in log.follow(after):
+    try:
+        async for event in log.follow(after):
+            yield ServerSentEvent(
+                data=to_json(event.data),
+                event=event.type,
+                id=str(event.id),
+                retry=RETRY_MS if first else None,
+                sep="\n",  # reads cleanly in `curl -N`; CRLF and LF are both valid SSE
+            )
+            first = False
+    except StoreUnavailable as exc:
+        # The shared store failed (after bounded retries): say so and close rather than hang.
+        # No id: it is not an event of the log, so a client that reconnects with its
+        # Last-Event-ID resumes exactly where it was once the store is back.
         yield ServerSentEvent(
-            data=to_json(event.data),
-            event=event.type,
-            id=str(event.id),
-            retry=RETRY_MS if first else None,
-            sep="\n",  # reads cleanly in `curl -N`; CRLF and LF are both valid SSE
+            data=to_json(Error(exc.code.value, exc.message).to_dict()), event="error", sep="\n"
         )
-        first = False

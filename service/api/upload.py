@@ -20,13 +20,15 @@ from service.session.session import EndReason, InputClosed, Session
 
 async def upload_audio(request: Request) -> Response:
     registry = registry_of(request)
-    session = registry.get(request.path_params["session_id"])
+    session_id = request.path_params["session_id"]
+    registry.local(session_id)  # a malformed id is a 404 before any other complaint
     fmt = parse_query_format(request.query_params)
-    registry.start(session, fmt if fmt is not None else session.config.format)
+    # With a shared store this claims the session for this worker, atomically.
+    session = await registry.start(session_id, fmt)
     await pump(request, session)
     with anyio.CancelScope(shield=True):
         await session.done.wait()
-    body = {"id": session.id, **session.status(), **links(request, session)}
+    body = {"id": session.id, **session.status(), **links(request, session.id)}
     if session.error is not None:
         return error_response(session.error, session=body)
     return JSONResponse(body)

@@ -42,7 +42,7 @@ from service.api.ws_protocol import (
     partial_sample_error,
 )
 from service.config import SessionConfig, config_to_dict
-from service.errors import ErrorCode, StreamerError
+from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.encode import to_json
 from service.events.types import Error
 from service.session.registry import Registry
@@ -66,6 +66,7 @@ _FATAL = frozenset(
         ErrorCode.SESSION_ENDED,
         ErrorCode.IDLE_TIMEOUT,
         ErrorCode.INTERNAL,
+        ErrorCode.STORE_UNAVAILABLE,
     }
 )
 # A session that ends with one of these did not fail: a start or stop with no audio in between.
@@ -205,8 +206,7 @@ class Connection:
     async def _open(self) -> None:
         assert self.config is not None
         try:
-            session = self.registry.create(self.config)
-            self.registry.start(session)
+            session = await self.registry.start(await self.registry.create(self.config))
         except StreamerError as exc:
             await self._error(exc)
             return
@@ -215,8 +215,7 @@ class Connection:
     async def _attach(self, session_id: str) -> None:
         """``/v1/ws?session=ID``: stream into a session created by ``POST /v1/sessions``."""
         try:
-            session = self.registry.get(session_id)
-            self.registry.start(session)
+            session = await self.registry.start(session_id)
         except StreamerError as exc:
             await self._error(exc)
             return
@@ -316,9 +315,14 @@ class Connection:
                 if isinstance(item, _Frame):
                     await self._send(item.data)
                     continue
-                async for event in item.session.log.follow():
-                    if self.dialect.forwards(event.type):
-                        await self._send(event.data)
+                try:
+                    async for event in item.session.log.follow():
+                        if self.dialect.forwards(event.type):
+                            await self._send(event.data)
+                except StoreUnavailable as exc:
+                    # The shared store failed (bounded retries): say so, close with 1013.
+                    await self._send(Error(exc.code.value, exc.message).to_dict())
+                    self._begin_close(exc.ws_close, exc.code.value)
                 self._session_ended(item.session)
         code, reason = self._close
         if not self.gone:

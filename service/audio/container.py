@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -133,11 +134,13 @@ class _FrameDecoder:
         head: bytes,
         batch: _Batch,
         send: Callable[[Samples], None],
+        busy: Callable[[float], None],
     ) -> None:
         self._sniffed = sniffed
         self._head = head
         self._batch = batch
         self._send = send
+        self._busy = busy  # decode + resample seconds, for the decode stage's real-time factor
 
     def run(self, reader: _Reader) -> StreamInfo:
         try:
@@ -199,6 +202,7 @@ class _FrameDecoder:
             for packet in container.demux(stream):
                 # A large chunk keeps this loop busy without a fetch; notice cancellation here.
                 anyio.from_thread.check_cancelled()
+                t0 = time.perf_counter()
                 try:
                     frames = packet.decode()
                 except av.FFmpegError as exc:
@@ -213,6 +217,7 @@ class _FrameDecoder:
                 for frame in frames:
                     decoded += frame.samples
                     self._batch.add(resampler.process(frame))
+                self._busy(time.perf_counter() - t0)
                 if self._batch.frames >= BATCH_SAMPLES:
                     self._flush()
         except av.FFmpegError as exc:
@@ -359,7 +364,7 @@ async def decode_streaming(
     def send(samples: Samples) -> None:
         anyio.from_thread.run(writer.write, samples, reader.received_at)
 
-    decoder = _FrameDecoder(sniffed, head, batch, send)
+    decoder = _FrameDecoder(sniffed, head, batch, send, writer.add_busy)
     outcome: list[StreamInfo] = []
     failure: list[Exception] = []
     source_error: Exception | None = None
@@ -413,7 +418,7 @@ async def decode_buffered(
     def send(samples: Samples) -> None:
         anyio.from_thread.run(writer.write, samples, received_at)
 
-    decoder = _FrameDecoder(sniffed, head, _Batch(), send)
+    decoder = _FrameDecoder(sniffed, head, _Batch(), send, writer.add_busy)
     reader = _BufferReader(bytes(data))
     del data
     return await anyio.to_thread.run_sync(decoder.run, reader, limiter=anyio.CapacityLimiter(1))

@@ -12,7 +12,8 @@ Rates other than 16 kHz go through FFmpeg's resampler (:mod:`service.audio.resam
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+import time
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 
 from anyio.streams.memory import MemoryObjectSendStream
@@ -42,6 +43,8 @@ async def decode(
     source: AsyncIterable[bytes],
     fmt: PcmFormat | None,
     send: MemoryObjectSendStream[AudioChunk],
+    *,
+    on_chunk: Callable[[int, float], None] | None = None,
 ) -> DecodeResult:
     """Decode an upload while it arrives, sending :class:`AudioChunk` objects to ``send``.
 
@@ -53,10 +56,13 @@ async def decode(
     Raises :class:`StreamerError` (``EMPTY_AUDIO``, ``UNSUPPORTED_FORMAT``, ``NO_AUDIO_STREAM``,
     ``DECODE_FAILED``, ``PARTIAL_SAMPLE``, ``PAYLOAD_TOO_LARGE``) only after sending all audio
     decoded before the failure. An exception from ``source`` itself propagates the same way.
+
+    ``on_chunk(samples, busy_s)`` is called for each chunk sent, with the decoding work that
+    produced it (for metrics: the decode stage's real-time factor).
     """
     async with send:
         src = ByteSource(source)
-        writer = ChunkWriter(send)
+        writer = ChunkWriter(send, on_chunk)
         if fmt is not None:
             layout = _raw_layout(fmt)
             await _decode_pcm(src, layout, fmt.sample_rate, None, writer, "raw PCM")
@@ -126,8 +132,14 @@ async def _decode_pcm(
                 continue
             data = data[:remaining]
             remaining -= len(data)
-        await writer.write(resampler.process(decoder.feed(data)), src.received_at)
-    await writer.write(resampler.flush(), src.received_at)
+        t0 = time.perf_counter()
+        samples = resampler.process(decoder.feed(data))
+        writer.add_busy(time.perf_counter() - t0)
+        await writer.write(samples, src.received_at)
+    t0 = time.perf_counter()
+    samples = resampler.flush()
+    writer.add_busy(time.perf_counter() - t0)
+    await writer.write(samples, src.received_at)
     if decoder.remainder:
         raise StreamerError(
             ErrorCode.PARTIAL_SAMPLE,

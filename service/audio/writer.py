@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -14,10 +16,22 @@ class ChunkWriter:
     Used from the event loop only (the PyAV thread reaches it through ``from_thread.run``).
     """
 
-    def __init__(self, send: MemoryObjectSendStream[AudioChunk]) -> None:
+    def __init__(
+        self,
+        send: MemoryObjectSendStream[AudioChunk],
+        on_chunk: Callable[[int, float], None] | None = None,
+    ) -> None:
         self._send = send
         self.samples_out = 0
         self.channels: int | None = None
+        # Decoding work since the last chunk, reported with it: ``on_chunk(samples, busy_s)``.
+        self._on_chunk = on_chunk
+        self._busy_s = 0.0
+
+    def add_busy(self, seconds: float) -> None:
+        """Count decoding work. The PyAV thread may call this: ``write`` only runs while that
+        thread is blocked in ``from_thread.run``, so the two never overlap."""
+        self._busy_s += seconds
 
     async def write(self, samples: Samples, received_at: float) -> None:
         if samples.shape[1] == 0:
@@ -30,4 +44,7 @@ class ChunkWriter:
             np.ascontiguousarray(samples, dtype=np.float32), self.samples_out, received_at
         )
         self.samples_out = chunk.end
+        if self._on_chunk is not None:
+            self._on_chunk(chunk.frames, self._busy_s)
+            self._busy_s = 0.0
         await self._send.send(chunk)

@@ -30,6 +30,10 @@ class SessionObserver:
     def event_emitted(self, session: Session, event: Event, lag_s: float | None) -> None:
         pass
 
+    def audio_decoded(self, session: Session, samples: int, busy_s: float) -> None:
+        """The decoder sent ``samples`` more (per channel, 16 kHz), having spent ``busy_s`` of
+        decoding work on them (waits for input excluded): the decode stage's real-time factor."""
+
     def stage(self, session: Session, name: str) -> AbstractContextManager[Any]:
         """Wraps a pipeline stage ("decode", "vad", "model") for its whole life, e.g. a span."""
         return nullcontext()

@@ -3,38 +3,55 @@
 It owns a task group (opened in the app's lifespan) in which every session's pipeline and its
 watcher run, so a session outlives the request that feeds it: a client that disconnects, a
 WebSocket that closes, a DELETE from another connection all act on the same running pipeline.
+
+Where sessions live is the store's business (``service/store``). With the in-memory default,
+every session is a ``Session`` here. With a shared store (Redis), a ``Session`` exists only in
+the worker that runs its pipeline (the one that received the audio); status, events and cancel
+of any other session are served from the store, so any worker answers for any session.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
 
-from service.config import PcmFormat, SessionConfig
-from service.errors import ErrorCode, StreamerError
-from service.events.log import EventLog, MemoryEventLog
+from service.config import PcmFormat, SessionConfig, config_to_dict
+from service.errors import ErrorCode, StoreUnavailable, StreamerError
+from service.events.log import EventLog
 from service.runtime import Runtime
-from service.session.session import EndReason, Session, SessionState, new_session_id
+from service.session.session import (
+    Counters,
+    EndReason,
+    Session,
+    SessionState,
+    new_session_id,
+    summarize,
+)
+from service.store import MemoryStore, SessionStore
 
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+# How long a readiness check waits for the store.
+READY_TIMEOUT_S = 1.0
 
 
 class Registry:
     def __init__(
-        self,
-        runtime: Runtime,
-        task_group: TaskGroup,
-        log_factory: Callable[[str], EventLog] = lambda _id: MemoryEventLog(),
+        self, runtime: Runtime, task_group: TaskGroup, store: SessionStore | None = None
     ) -> None:
         self.runtime = runtime
         self._tg = task_group
-        self._log_factory = log_factory
+        self.store: SessionStore = store or MemoryStore()
+        # Sessions whose Session object lives here: all of them in memory, with a shared store
+        # only those whose pipeline runs in this worker.
         self._sessions: dict[str, Session] = {}
         self.accepting = True
 
@@ -48,7 +65,7 @@ class Registry:
     def live(self) -> int:
         return sum(1 for s in self._sessions.values() if s.state is not SessionState.ENDED)
 
-    def create(self, config: SessionConfig) -> Session:
+    def _check_capacity(self) -> None:
         if not self.accepting:
             raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         limit = self.runtime.settings.max_sessions
@@ -56,30 +73,89 @@ class Registry:
             raise StreamerError(
                 ErrorCode.TOO_MANY_SESSIONS, f"the server holds its maximum of {limit} sessions"
             )
+
+    async def create(self, config: SessionConfig) -> str:
+        """A new session, waiting for its audio; returns its id."""
+        self._check_capacity()
         session_id = new_session_id()
-        session = Session(session_id, config, self._log_factory(session_id), self.runtime)
+        if self.store.shared:
+            # No pipeline yet: whichever worker receives the audio will run it.
+            await self.store.create(session_id, config, summarize(Counters(), None))
+            return session_id
+        session = Session(session_id, config, self.store.log(session_id), self.runtime)
         self._sessions[session_id] = session
         self.runtime.observer.session_created(session)
         self._tg.start_soon(self._watch, session)
-        return session
+        return session_id
 
-    def get(self, session_id: str) -> Session:
+    def local(self, session_id: str) -> Session | None:
+        """The session if it lives in this process; a malformed id is never found anywhere."""
         if not _ID.match(session_id):
             raise StreamerError(ErrorCode.SESSION_NOT_FOUND, "malformed session id")
-        session = self._sessions.get(session_id)
+        return self._sessions.get(session_id)
+
+    def get(self, session_id: str) -> Session:
+        session = self.local(session_id)
         if session is None:
             raise StreamerError(
                 ErrorCode.SESSION_NOT_FOUND, "no such session (unknown, or expired after retention)"
             )
         return session
 
-    def start(self, session: Session, fmt: PcmFormat | None = None) -> Session:
-        """Claim the session's input and start its pipeline; the caller then writes bytes."""
+    async def start(self, session_id: str, fmt: PcmFormat | None = None) -> Session:
+        """Claim the session's input and start its pipeline here; the caller then writes bytes.
+        With a shared store the claim is atomic across workers: a second upload anywhere gets
+        ``session_busy``."""
         if not self.accepting:
             raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        if not self.store.shared:
+            session = self.get(session_id)
+            receive = session.open_input(fmt)
+            self._tg.start_soon(session.run, receive, name=f"session {session.id}")
+            return session
+        self.local(session_id)  # rejects a malformed id before asking the store
+        self._check_capacity()
+        claim = await self.store.claim(session_id)
+        session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)
+        self._sessions[session_id] = session
+        self.runtime.observer.session_created(session)
         receive = session.open_input(fmt)
-        self._tg.start_soon(session.run, receive, name=f"session {session.id}")
+        # The times every worker reports, not this process's clock readings a moment later.
+        session.created_at, session.started_at = claim.created_at, claim.started_at
+        self._tg.start_soon(self._run_owned, session, receive, name=f"session {session.id}")
         return session
+
+    async def status(self, session_id: str) -> dict[str, Any]:
+        session = self.local(session_id)
+        if session is not None:
+            return session.status()
+        return await self.store.status(session_id)
+
+    async def cancel(self, session_id: str) -> dict[str, Any]:
+        """Stop the session's pipeline, wherever it runs; returns its status."""
+        session = self.local(session_id)
+        if session is not None:
+            session.cancel(EndReason.CANCELLED)
+            return session.status()
+        return await self.store.cancel(session_id)
+
+    async def events(self, session_id: str) -> EventLog:
+        """The session's log, to follow."""
+        if not self.store.shared:
+            return self.get(session_id).log
+        self.local(session_id)
+        return await self.store.reader(session_id)
+
+    async def unready_reason(self) -> str | None:
+        """Why this worker should not get traffic now, or None."""
+        if not self.accepting:
+            return "shutting down"
+        try:
+            with anyio.fail_after(READY_TIMEOUT_S):
+                await self.store.ping()
+        except (StoreUnavailable, TimeoutError):
+            return "session store unreachable"
+        return None
 
     async def _watch(self, session: Session) -> None:
         settings = self.runtime.settings
@@ -92,6 +168,47 @@ class Registry:
         await session.done.wait()
         await anyio.sleep(settings.retention_seconds)
         self._sessions.pop(session.id, None)
+
+    async def _run_owned(self, session: Session, receive: MemoryObjectReceiveStream[bytes]) -> None:
+        """A shared session's pipeline, with its lease kept alive beside it. Once it ends the
+        store holds everything, so the Session object goes at once."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep, session)
+                await session.run(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self._sessions.pop(session.id, None)
+
+    async def _keep(self, session: Session) -> None:
+        """The owner's heartbeat: renew the lease a few times per lease period, publish live
+        counters for status on other workers, and take cancel requests made there."""
+        lease = self.runtime.settings.redis_lease_seconds
+        interval = lease / 3
+        last_renewed = time.monotonic()
+        while True:
+            try:
+                owned = await self.store.renew(
+                    session.id, config_to_dict(session.config), session.summary()
+                )
+                if not owned:
+                    session.store_failed(
+                        StoreUnavailable(
+                            "this worker lost the session: another worker declared it lost "
+                            f"after {lease:g} s without a lease renewal"
+                        )
+                    )
+                    return
+                last_renewed = time.monotonic()
+                if await self.store.wait_cancel(session.id, interval):
+                    session.cancel(EndReason.CANCELLED)
+            except StoreUnavailable as exc:
+                if time.monotonic() - last_renewed > lease:
+                    # Other workers may already consider it lost: stop producing into the void.
+                    session.store_failed(exc)
+                    return
+                log.warning("lease renewal failed; retrying", extra={"session_id": session.id})
+                await anyio.sleep(min(interval, 0.5))
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop taking sessions, let live ones drain what they received, cancel the rest."""

@@ -21,7 +21,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from service.audio.chunk import AudioChunk
 from service.audio.decoder import DecodeResult, decode
 from service.config import MODEL_SAMPLE_RATE, PcmFormat, SessionConfig, config_to_dict
-from service.errors import ErrorCode, StreamerError
+from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.log import EventLog
 from service.events.types import End, Error, Event, Segment
 from service.model.simple import simple_stage
@@ -54,6 +54,7 @@ class EndReason(StrEnum):
     DURATION_EXCEEDED = "duration_exceeded"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSTARTED_TIMEOUT = "unstarted_timeout"
+    WORKER_LOST = "worker_lost"  # its owner's lease lapsed (shared store only)
 
 
 class InputClosed(Exception):
@@ -69,6 +70,21 @@ class Counters:
     interims: int = 0
     errors: int = 0
     events: int = 0
+
+
+def summarize(c: Counters, d: DecodeResult | None) -> dict[str, Any]:
+    """What a session processed: the ``end`` event's and the status's counters. A function, so a
+    shared store can describe a session that has no pipeline in this process."""
+    return {
+        "bytes": c.bytes_in,
+        "audio_seconds": round(c.samples / MODEL_SAMPLE_RATE, 3),
+        "channels": c.channels,
+        "segments": c.finals,
+        "interim_segments": c.interims,
+        "errors": c.errors,
+        "container": d.container if d else None,
+        "codec": d.codec if d else None,
+    }
 
 
 class Session:
@@ -92,6 +108,7 @@ class Session:
         self._scope: anyio.CancelScope | None = None
         self._t0 = time.monotonic()
         self.end_reason: EndReason | None = None
+        self._store_error: StoreUnavailable | None = None
 
     # -- ingest side ---------------------------------------------------------------------------
 
@@ -210,12 +227,17 @@ class Session:
         with self.runtime.observer.stage(self, "decode"):
             async with receive:
                 try:
-                    self.decode_result = await decode(receive, self.config.format, send)
+                    self.decode_result = await decode(
+                        receive, self.config.format, send, on_chunk=self._decoded
+                    )
                 except StreamerError as exc:
                     self.error = self.error or exc
                     await self.emit(Error(exc.code.value, exc.message))
                     if self._input_reason is None:
                         self._input_reason = EndReason.ERROR
+
+    def _decoded(self, samples: int, busy_s: float) -> None:
+        self.runtime.observer.audio_decoded(self, samples, busy_s)
 
     async def _count(
         self,
@@ -255,7 +277,13 @@ class Session:
     async def emit(self, event: Event, received_at: float | None = None) -> None:
         if self.log.closed:
             return
-        await self.log.append(event)
+        if self._store_error is not None and not isinstance(event, Error | End):
+            return  # results can no longer reach anyone; only the ending is worth a try
+        try:
+            await self.log.append(event)
+        except StoreUnavailable as exc:
+            self.store_failed(exc)
+            return
         c = self.counters
         c.events += 1
         if isinstance(event, Segment):
@@ -268,6 +296,16 @@ class Session:
         lag = None if received_at is None else time.monotonic() - received_at
         self.runtime.observer.event_emitted(self, event, lag)
 
+    def store_failed(self, error: StoreUnavailable) -> None:
+        """The shared event log cannot take this session's events (Redis down, or this worker
+        lost the session's lease): nothing it produces can reach a subscriber, so stop now."""
+        if self._store_error is not None:
+            return
+        self._store_error = error
+        # Outranks an earlier error for the upload's response: the results themselves are lost.
+        self.error = error
+        self.cancel(EndReason.ERROR)
+
     async def finish(self) -> None:
         """End the session once: the ``end`` event, then close the log."""
         if self.state is SessionState.ENDED:
@@ -278,6 +316,9 @@ class Session:
         self.end_reason = reason
         self.state = SessionState.ENDED
         self.ended_at = time.time()
+        if self._store_error is not None:
+            # Reaches subscribers only if the store is back; the upload's response says it anyway.
+            await self.emit(Error(self._store_error.code.value, self._store_error.message))
         await self.emit(End(reason.value, self.summary()))
         await self.log.close()
         self.runtime.observer.session_ended(self)
@@ -287,18 +328,7 @@ class Session:
     # -- views ---------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        c = self.counters
-        d = self.decode_result
-        return {
-            "bytes": c.bytes_in,
-            "audio_seconds": round(c.samples / MODEL_SAMPLE_RATE, 3),
-            "channels": c.channels,
-            "segments": c.finals,
-            "interim_segments": c.interims,
-            "errors": c.errors,
-            "container": d.container if d else None,
-            "codec": d.codec if d else None,
-        }
+        return summarize(self.counters, self.decode_result)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import anyio
 import numpy as np
@@ -91,6 +92,15 @@ def run_requests(
     return out
 
 
+def _run_timed(
+    session: ort.InferenceSession, groups: Sequence[Sequence[StreamFrames]], max_batch: int
+) -> tuple[list[list[Floats]], float]:
+    """:func:`run_requests` and the seconds it took, measured in the worker thread so that
+    queueing for the thread is not counted as compute."""
+    t0 = time.perf_counter()
+    return run_requests(session, groups, max_batch), time.perf_counter() - t0
+
+
 def _check(requests: Sequence[tuple[VadStream, Floats]]) -> list[StreamFrames]:
     checked: list[StreamFrames] = []
     for stream, frames in requests:
@@ -128,6 +138,7 @@ class VadBatcher:
         max_batch: int = 64,
         max_wait_s: float = 0.0,
         limiter: anyio.CapacityLimiter,
+        on_batch: Callable[[float, int, int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -137,6 +148,8 @@ class VadBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.limiter = limiter
+        # Called after each batch with (compute seconds, streams, frames), for metrics.
+        self.on_batch = on_batch
         self._pending: list[_Request] = []
         self._pending_rows = 0
         self._in_flight = 0
@@ -232,8 +245,8 @@ class VadBatcher:
 
     async def _execute(self, batch: list[_Request]) -> None:
         try:
-            groups = await anyio.to_thread.run_sync(
-                run_requests,
+            groups, seconds = await anyio.to_thread.run_sync(
+                _run_timed,
                 self.session,
                 [r.items for r in batch],
                 self.max_batch,
@@ -244,10 +257,13 @@ class VadBatcher:
             for request in batch:
                 request.error = exc
         else:
+            n_frames = sum(len(frames) for r in batch for _, frames in r.items)
             self.batches += 1
-            self.frames += sum(len(frames) for r in batch for _, frames in r.items)
+            self.frames += n_frames
             for request, result in zip(batch, groups, strict=True):
                 request.result = result
+            if self.on_batch is not None:
+                self.on_batch(seconds, sum(len(r.items) for r in batch), n_frames)
         finally:
             for request in batch:
                 if request.result is None and request.error is None:

@@ -1,0 +1,853 @@
+"""Load generator: N live streams at real-time pace against one streamer server, and what they cost.
+
+Each stream creates a session, subscribes to its events (SSE), then uploads audio paced like a
+live recording (chunked HTTP/1.1; or all of it over one WebSocket with ``--ws``). For every final
+segment and every ``inactive`` event it measures the lag: the event's arrival at this client
+minus the wall time at which the audio up to the event's ``end_time`` (``time``) had been sent.
+With real-time pacing that is the stream's start plus that audio time, rounded up to the end of
+the chunk that carried it (``--chunk-ms``).
+
+That lag includes the VAD's own wait: an utterance ends at its last voiced frame, but the
+segmenter only knows once ``redemption_ms`` of silence (600 ms, 608 ms in whole frames) has
+followed. So the lag is also measured from when the audio up to ``end_time`` plus that wait had
+been sent: what the streaming machinery adds. A run "held" when the p99 of that lag (or of the
+plain one, with ``--lag-from sent``) stayed under 250 ms, every stream completed without errors,
+and none fell behind (its upload took at most 1.1 times the audio's duration).
+
+It reports the server's CPU seconds and RSS (from /proc/<pid>: ``--server-pid``, or the server it
+starts itself with ``--spawn``) and its own CPU. It is built to cost little next to the server:
+one process, one event loop, the audio read and cut into chunks once, no thread per stream, one
+pooled HTTP/1.1 connection per stream direction, a sleep and a socket write per chunk.
+
+    .venv/bin/python benchmarks/loadgen.py --spawn --streams 20
+    .venv/bin/python benchmarks/loadgen.py --spawn --find-max --max-streams 800
+    .venv/bin/python benchmarks/loadgen.py --url http://127.0.0.1:8000 --server-pid 1234 --ws
+
+``--spawn`` runs ``python -m service`` on a free port with a fast dummy model (the test suite's:
+50 ms per call) unless ``--env STREAMER_MODEL_OPTIONS=...`` says otherwise, so the figures are
+the streaming machinery's, not the stand-in model's sleep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import io
+import json
+import math
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from service.client.sse import iter_sse  # noqa: E402
+from service.config import MODEL_SAMPLE_RATE, VadParams  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+LAG_BUDGET_S = 0.25
+BEHIND_FACTOR = 1.1
+FAST_MODEL = '{"delay": 0.05, "constant_factor": 0.01, "jitter": 0.0}'
+FIND_MAX_START = 50
+VAD_FRAME = 512  # samples per VAD step (service/vad/silero.py FRAME; not imported: onnxruntime)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- the audio, prepared once -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Audio:
+    """One stream's bytes, cut into chunks once for every stream."""
+
+    label: str
+    config: dict[str, Any]  # the session config
+    duration: float
+    bytes_per_second: float
+    header_bytes: int
+    chunks: list[bytes]
+    chunk_ends: list[int]  # byte offset after each chunk
+    chunk_due: list[float]  # seconds after the start at which each chunk is sent
+
+    def offset_at(self, seconds: float) -> int:
+        return self.header_bytes + round(seconds * self.bytes_per_second)
+
+    def chunk_at(self, seconds: float) -> int:
+        """The index of the chunk that completes the audio up to ``seconds``."""
+        k = bisect.bisect_left(self.chunk_ends, self.offset_at(seconds))
+        return min(k, len(self.chunks) - 1)
+
+
+def _cut(
+    label: str,
+    config: dict[str, Any],
+    data: bytes,
+    duration: float,
+    header: int,
+    chunk_bytes: int,
+) -> Audio:
+    bps = (len(data) - header) / duration
+    chunks, ends, due = [], [], []
+    for start in range(0, len(data), chunk_bytes):
+        end = min(len(data), start + chunk_bytes)
+        chunks.append(data[start:end])
+        ends.append(end)
+        due.append(max(0.0, (end - header) / bps))
+    return Audio(label, config, duration, bps, header, chunks, ends, due)
+
+
+def raw_audio(duration: float, chunk_ms: int) -> Audio:
+    """s16le 16 kHz mono: tests/data/speech.wav's samples, looped or cut to ``duration``."""
+    with wave.open(str(DATA / "speech.wav")) as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        pcm = w.readframes(w.getnframes())
+    n = int(duration * 16000) * 2
+    data = (pcm * (n // len(pcm) + 1))[:n]
+    fmt = {"channels": 1, "sample_rate": 16000, "bit_depth": 16, "is_float": False}
+    chunk_bytes = int(16000 * chunk_ms / 1000) * 2
+    return _cut("raw s16le 16 kHz", {"format": fmt}, data, duration, 0, chunk_bytes)
+
+
+def webm_audio(duration: float, chunk_ms: int) -> Audio:
+    """webm/opus as a browser records it: tests/data/speech.webm decoded, looped or cut to
+    ``duration``, re-encoded once (live muxing, no cues, as MediaRecorder writes)."""
+    import av
+    import numpy as np
+
+    rate, frame = 48000, 960
+    with av.open(str(DATA / "speech.webm"), mode="r") as src:
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        parts = [f.to_ndarray() for fr in src.decode(audio=0) for f in resampler.resample(fr)]
+        parts += [f.to_ndarray() for f in resampler.resample(None)]
+    pcm = np.concatenate(parts, axis=1)[0]
+    n = int(duration * rate)
+    samples = np.tile(pcm, n // len(pcm) + 1)[:n]
+    samples = np.concatenate([samples, np.zeros(-len(samples) % frame, np.int16)])
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="webm", options={"live": "1"}) as container:
+        stream = container.add_stream("libopus", rate=rate, layout="mono")
+        stream.bit_rate = 32000
+        for i in range(0, len(samples), frame):
+            f = av.AudioFrame.from_ndarray(
+                samples[None, i : i + frame], format="s16", layout="mono"
+            )
+            f.sample_rate, f.pts = rate, i
+            for packet in stream.encode(f):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    data = out.getvalue()
+    chunk_bytes = max(64, round(len(data) / duration * chunk_ms / 1000))
+    return _cut("webm/opus", {}, data, duration, 0, chunk_bytes)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+class Proc:
+    """CPU and memory of a process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User and system CPU seconds, every thread."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
+
+    def rss_bytes(self) -> int:
+        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE_SIZE
+
+
+def own_cpu_seconds() -> tuple[float, float]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime
+
+
+def _minus(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] - b[0], a[1] - b[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_fd_limit() -> None:
+    """Two sockets per stream on each side; the spawned server inherits the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Spawned:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def spawn_server(env: dict[str, str], timeout_s: float = 60.0) -> Spawned:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "STREAMER_MODEL_OPTIONS": FAST_MODEL,
+        "STREAMER_LOG_LEVEL": "WARNING",
+        "STREAMER_MAX_SESSIONS": "100000",
+        **env,
+    }
+    full_env.pop("PORT", None)
+    log_path = Path(tempfile.mkstemp(prefix="loadgen-server-", suffix=".log")[1])
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    spawned = Spawned(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{spawned.url}/readyz", timeout=1.0).status_code == 200:
+                return spawned
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    spawned.stop()
+    sys.exit(f"the server was not ready in {timeout_s:g} s:\n{log_path.read_text()}")
+
+
+# -- one stream ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    kind: str  # "final" or "inactive"
+    sent: float  # arrival - when the audio up to the event's time had been sent
+    detectable: float  # arrival - when the audio up to that time + the redemption wait had been
+    nominal: float  # arrival - (stream start + the event's time)
+
+
+def redemption_wait_s(config: dict[str, Any]) -> float:
+    """How much audio after an utterance's end the VAD must see before it can end it: a silent
+    run longer than ``redemption_ms``, counted in whole frames (service/vad/segmenter.py)."""
+    redemption_ms = int(config.get("vad", {}).get("redemption_ms", VadParams().redemption_ms))
+    samples = redemption_ms * MODEL_SAMPLE_RATE // 1000
+    return (samples // VAD_FRAME + 1) * VAD_FRAME / MODEL_SAMPLE_RATE
+
+
+@dataclass
+class Stream:
+    """What one stream saw. Events are kept raw during the run and measured afterwards."""
+
+    index: int
+    started: float = 0.0  # the pacing clock's zero (monotonic)
+    sent_at: list[float] = field(default_factory=list)  # per chunk
+    upload_done: float | None = None
+    ended: float | None = None
+    marks: list[tuple[str, float, float]] = field(default_factory=list)  # (kind, audio s, arrival)
+    end_reason: str | None = None
+    errors: list[str] = field(default_factory=list)
+    failure: str | None = None
+
+    def lags(self, audio: Audio, wait_s: float) -> list[Lag]:
+        """Per mark: the lag after the audio up to its time was sent, and after the audio up to
+        its time plus the VAD's redemption wait (``wait_s``) was sent."""
+        out = []
+        for kind, seconds, arrival in self.marks:
+            out.append(
+                Lag(
+                    kind,
+                    arrival - self.sent_time(audio, seconds),
+                    arrival - self.sent_time(audio, seconds + wait_s),
+                    arrival - (self.started + seconds),
+                )
+            )
+        return out
+
+    def sent_time(self, audio: Audio, seconds: float) -> float:
+        k = audio.chunk_at(seconds)
+        return self.sent_at[k] if k < len(self.sent_at) else self.started + audio.chunk_due[k]
+
+    def upload_ratio(self, audio: Audio) -> float | None:
+        if self.upload_done is None:
+            return None
+        return (self.upload_done - self.started) / audio.duration
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and not self.errors and self.end_reason == "completed"
+
+
+async def _paced(audio: Audio, s: Stream, slot_s: float) -> AsyncIterator[bytes]:
+    clock = time.monotonic
+    # Streams start on a grid of slots, so the ones in a slot send in one wake-up of the loop
+    # (a wake-up from idle costs more than the send) while the load still spreads over time.
+    s.started = t0 = math.ceil(clock() / slot_s) * slot_s if slot_s else clock()
+    for chunk, due in zip(audio.chunks, audio.chunk_due, strict=True):
+        delay = t0 + due - clock()
+        if delay > 0:
+            await anyio.sleep(delay)
+        s.sent_at.append(clock())
+        yield chunk
+    s.upload_done = clock()
+
+
+_MARKED = frozenset({"inactive", "segment", "error", "end"})
+
+
+def _mark(s: Stream, event: dict[str, Any]) -> bool:
+    """Record one event; true on ``end``."""
+    now = time.monotonic()
+    kind = event.get("type")
+    if kind == "inactive":
+        s.marks.append(("inactive", event["time"], now))
+    elif kind == "segment":
+        if event["is_final"]:
+            s.marks.append(("final", event["end_time"], now))
+    elif kind == "error":
+        s.errors.append(f"{event.get('code')}: {event.get('message')}")
+    elif kind == "end":
+        s.ended = now
+        s.end_reason = event.get("reason")
+        return True
+    return False
+
+
+async def http_stream(
+    client: httpx.AsyncClient, url: str, audio: Audio, slot_s: float, s: Stream
+) -> None:
+    created = await client.post(f"{url}/v1/sessions", json=audio.config)
+    if created.status_code != 201:
+        s.failure = f"create: {created.status_code} {created.text[:200]}"
+        return
+    ids = created.json()
+    async with client.stream("GET", ids["events_url"]) as events:
+        if events.status_code != 200:
+            s.failure = f"events: {events.status_code}"
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def upload() -> None:
+                try:
+                    await client.post(ids["audio_url"], content=_paced(audio, s, slot_s))
+                except httpx.HTTPError as exc:
+                    s.failure = s.failure or f"upload: {exc!r}"
+
+            tg.start_soon(upload)
+            async for message in iter_sse(events.aiter_lines()):
+                # Only the events measured are decoded (active and interims are not).
+                if message.event in _MARKED and _mark(s, json.loads(message.data)):
+                    break
+            tg.cancel_scope.cancel()
+    if s.end_reason is None:
+        s.failure = s.failure or "the event stream closed before end"
+
+
+async def ws_stream(url: str, audio: Audio, slot_s: float, s: Stream) -> None:
+    from websockets.asyncio.client import connect
+
+    ws_url = url.replace("http", "ws", 1) + "/v1/ws"
+    async with connect(ws_url, compression=None, max_size=None, proxy=None) as ws:
+        await ws.send(json.dumps({**audio.config, "request": "start"}))
+        first = json.loads(await ws.recv())
+        if first.get("type") != "started":
+            s.failure = f"start: {first}"
+            return
+
+        async def upload() -> None:
+            async for chunk in _paced(audio, s, slot_s):
+                await ws.send(chunk)
+            await ws.send(json.dumps({"request": "stop", "disconnect": True}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(upload)
+            async for message in ws:
+                if isinstance(message, str) and _mark(s, json.loads(message)):
+                    break
+            tg.cancel_scope.cancel()
+    if s.end_reason is None:
+        s.failure = s.failure or "the connection closed before end"
+
+
+async def guarded(coro_fn: Any, s: Stream, *args: Any) -> None:
+    try:
+        await coro_fn(*args, s)
+    except Exception as exc:  # one failed stream is a figure, not the end of the run
+        s.failure = s.failure or f"{type(exc).__name__}: {exc}"
+
+
+# -- one step: N streams ------------------------------------------------------------------------
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    xs = sorted(values)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+@dataclass
+class Options:
+    url: str
+    server: Proc | None
+    streams: int
+    duration: float
+    ramp: float
+    chunk_ms: int
+    ws: bool
+    format: str
+    lag_from: str
+    slot_ms: int
+
+
+async def _sample(proc: Proc | None, peak: list[int], loop_lag: list[float]) -> None:
+    interval = 0.1
+    while True:
+        before = time.monotonic()
+        await anyio.sleep(interval)
+        loop_lag.append(time.monotonic() - before - interval)
+        if proc is not None:
+            peak[0] = max(peak[0], proc.rss_bytes())
+
+
+async def run_step(opts: Options, audio: Audio, n: int) -> dict[str, Any]:
+    streams = [Stream(i) for i in range(n)]
+    proc = opts.server
+    rss0 = proc.rss_bytes() if proc else 0
+    peak, loop_lag = [rss0], [0.0]
+    cpu0_server = proc.cpu_seconds() if proc else (0.0, 0.0)
+    cpu0_self, wall0 = own_cpu_seconds(), time.monotonic()
+    limits = httpx.Limits(max_connections=2 * n + 8, max_keepalive_connections=2 * n + 8)
+    timeout = httpx.Timeout(30.0, read=None)
+    budget = opts.ramp + opts.duration * 2 + 60
+    slot = opts.slot_ms / 1000
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        with anyio.move_on_after(budget):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_sample, proc, peak, loop_lag)
+                async with anyio.create_task_group() as streams_tg:
+                    for s in streams:
+                        if opts.ws:
+                            streams_tg.start_soon(guarded, ws_stream, s, opts.url, audio, slot)
+                        else:
+                            streams_tg.start_soon(
+                                guarded, http_stream, s, client, opts.url, audio, slot
+                            )
+                        if n > 1:
+                            await anyio.sleep(opts.ramp / n)
+                tg.cancel_scope.cancel()
+    wall = time.monotonic() - wall0
+    cpu_self = _minus(own_cpu_seconds(), cpu0_self)
+    cpu_server = _minus(proc.cpu_seconds(), cpu0_server) if proc else None
+    for s in streams:
+        if s.end_reason is None and s.failure is None:
+            s.failure = f"no end within {budget:g} s"
+    return summarise(opts, audio, streams, wall, cpu_self, cpu_server, rss0, peak[0], loop_lag)
+
+
+def summarise(
+    opts: Options,
+    audio: Audio,
+    streams: list[Stream],
+    wall: float,
+    cpu_self: tuple[float, float],
+    cpu_server: tuple[float, float] | None,
+    rss0: int,
+    rss_peak: int,
+    loop_lag: list[float],
+) -> dict[str, Any]:
+    wait_s = redemption_wait_s(audio.config)
+    all_lags = [(s, lag) for s in streams for lag in s.lags(audio, wait_s)]
+    sent = [lag.sent for _, lag in all_lags]
+    detectable = [lag.detectable for _, lag in all_lags]
+    nominal = [lag.nominal for _, lag in all_lags]
+
+    def basis(lag: Lag) -> float:
+        return lag.sent if opts.lag_from == "sent" else lag.detectable
+
+    held_lags = [basis(lag) for _, lag in all_lags]
+    finals = [basis(lag) for _, lag in all_lags if lag.kind == "final"]
+    inactive = [basis(lag) for _, lag in all_lags if lag.kind == "inactive"]
+    stream_p99 = [
+        p
+        for s in streams
+        if (p := pct([basis(lag) for t, lag in all_lags if t is s], 0.99)) is not None
+    ]
+    ratios = [r for s in streams if (r := s.upload_ratio(audio)) is not None]
+    behind = sum(1 for s in streams if (r := s.upload_ratio(audio)) is None or r > BEHIND_FACTOR)
+    failed = [s for s in streams if not s.ok]
+    p99 = pct(held_lags, 0.99)
+    held = not failed and behind == 0 and p99 is not None and p99 < LAG_BUDGET_S
+    first_failure = next((s.failure or "; ".join(s.errors) or s.end_reason for s in failed), None)
+    return {
+        "streams": len(streams),
+        "format": opts.format,
+        "transport": "ws" if opts.ws else "http1",
+        "duration_s": opts.duration,
+        "chunk_ms": opts.chunk_ms,
+        "lag_from": opts.lag_from,
+        "redemption_wait_ms": ms(wait_s),
+        "held": held,
+        "ok": len(streams) - len(failed),
+        "failed": len(failed),
+        "first_failure": first_failure,
+        "behind": behind,
+        "upload_ratio_max": round(max(ratios), 3) if ratios else None,
+        "events_measured": len(all_lags),
+        "held_lag_p50_ms": ms(pct(held_lags, 0.5)),
+        "held_lag_p99_ms": ms(p99),
+        "held_lag_max_ms": ms(max(held_lags) if held_lags else None),
+        "final_lag_p50_ms": ms(pct(finals, 0.5)),
+        "final_lag_p99_ms": ms(pct(finals, 0.99)),
+        "inactive_lag_p50_ms": ms(pct(inactive, 0.5)),
+        "inactive_lag_p99_ms": ms(pct(inactive, 0.99)),
+        "stream_p99_median_ms": ms(pct(stream_p99, 0.5)),
+        "stream_p99_worst_ms": ms(max(stream_p99) if stream_p99 else None),
+        "lag_p50_ms": ms(pct(sent, 0.5)),
+        "lag_p99_ms": ms(pct(sent, 0.99)),
+        "lag_max_ms": ms(max(sent) if sent else None),
+        "detectable_lag_p50_ms": ms(pct(detectable, 0.5)),
+        "detectable_lag_p99_ms": ms(pct(detectable, 0.99)),
+        "nominal_lag_p99_ms": ms(pct(nominal, 0.99)),
+        "wall_s": round(wall, 2),
+        "server_cpu_s": None if cpu_server is None else round(sum(cpu_server), 2),
+        "server_cpu_sys_s": None if cpu_server is None else round(cpu_server[1], 2),
+        "server_cpu_pct": None if cpu_server is None else round(100 * sum(cpu_server) / wall, 1),
+        "server_rss_start_mb": round(rss0 / 2**20, 1) if opts.server else None,
+        "server_rss_peak_mb": round(rss_peak / 2**20, 1) if opts.server else None,
+        "loadgen_cpu_s": round(sum(cpu_self), 2),
+        "loadgen_cpu_sys_s": round(cpu_self[1], 2),
+        "loadgen_cpu_pct": round(100 * sum(cpu_self) / wall, 1),
+        "loadgen_loop_lag_p99_ms": ms(pct(loop_lag, 0.99)),
+        "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
+    }
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return str(value)
+
+
+FIGURES: list[tuple[str, str | tuple[str, ...]]] = [
+    ("streams", "streams"),
+    ("held (p99 < 250 ms, none behind, all ok)", "held"),
+    ("streams ok / failed", ("ok", "failed")),
+    ("streams behind (upload > 1.1x real time)", "behind"),
+    ("slowest upload / audio duration", "upload_ratio_max"),
+    ("events measured (finals + inactive)", "events_measured"),
+    (
+        "lag since the audio was sent p50 / p99 / max, ms",
+        ("lag_p50_ms", "lag_p99_ms", "lag_max_ms"),
+    ),
+    (
+        "lag beyond the VAD redemption wait p50 / p99, ms",
+        ("detectable_lag_p50_ms", "detectable_lag_p99_ms"),
+    ),
+    ("lag p99 from start + audio time, ms", "nominal_lag_p99_ms"),
+    ("held on: p50 / p99 / max, ms", ("held_lag_p50_ms", "held_lag_p99_ms", "held_lag_max_ms")),
+    ("  final segments p50 / p99, ms", ("final_lag_p50_ms", "final_lag_p99_ms")),
+    ("  inactive p50 / p99, ms", ("inactive_lag_p50_ms", "inactive_lag_p99_ms")),
+    ("  per-stream p99: median / worst, ms", ("stream_p99_median_ms", "stream_p99_worst_ms")),
+    ("wall, s", "wall_s"),
+    (
+        "server CPU, s / of it system, s / % of a core",
+        ("server_cpu_s", "server_cpu_sys_s", "server_cpu_pct"),
+    ),
+    ("server RSS start / peak, MiB", ("server_rss_start_mb", "server_rss_peak_mb")),
+    (
+        "loadgen CPU, s / of it system, s / % of a core",
+        ("loadgen_cpu_s", "loadgen_cpu_sys_s", "loadgen_cpu_pct"),
+    ),
+    ("loadgen event-loop lag p99, ms", "loadgen_loop_lag_p99_ms"),
+    ("machine load average (1 min) at the end", "loadavg_1m"),
+]
+
+
+def print_figures(r: dict[str, Any], out: TextIO) -> None:
+    print(
+        f"\n{r['streams']} streams x {r['duration_s']:g} s, {r['format']} over {r['transport']}, "
+        f"{r['chunk_ms']} ms chunks; held on the lag {HELD_ON[r['lag_from']]}"
+        f" ({r['redemption_wait_ms']:g} ms)" * (r["lag_from"] == "detectable"),
+        file=out,
+    )
+    width = max(len(label) for label, _ in FIGURES)
+    for label, keys in FIGURES:
+        value = " / ".join(_fmt(r[k]) for k in keys) if isinstance(keys, tuple) else _fmt(r[keys])
+        print(f"  {label:<{width}}  {value}", file=out)
+    if r["first_failure"]:
+        print(f"  first failure: {r['first_failure']}", file=out)
+
+
+HELD_ON = {
+    "sent": "since the audio was sent",
+    "detectable": "beyond the VAD redemption wait",
+}
+
+STEP_COLUMNS = [
+    ("N", "streams"),
+    ("held", "held"),
+    ("ok", "ok"),
+    ("behind", "behind"),
+    ("p50 ms", "held_lag_p50_ms"),
+    ("p99 ms", "held_lag_p99_ms"),
+    ("max ms", "held_lag_max_ms"),
+    ("sent p99", "lag_p99_ms"),
+    ("srv cpu%", "server_cpu_pct"),
+    ("srv MiB", "server_rss_peak_mb"),
+    ("gen cpu%", "loadgen_cpu_pct"),
+    ("load", "loadavg_1m"),
+]
+
+
+def print_steps(steps: list[dict[str, Any]], out: TextIO) -> None:
+    widths = [max(len(h), *(len(_fmt(s[k])) for s in steps)) for h, k in STEP_COLUMNS]
+    print("  ".join(h.rjust(w) for (h, _), w in zip(STEP_COLUMNS, widths, strict=True)), file=out)
+    for s in steps:
+        cells = (_fmt(s[k]).rjust(w) for (_, k), w in zip(STEP_COLUMNS, widths, strict=True))
+        print("  ".join(cells), file=out)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="loadgen",
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default="http://127.0.0.1:8000", help="a running server")
+    where.add_argument(
+        "--spawn", action="store_true", help="start python -m service on a free port"
+    )
+    p.add_argument("--server-pid", type=int, help="the server's pid, for CPU and RSS (/proc)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for --spawn, e.g. STREAMER_VAD_MAX_BATCH=64 (repeatable)",
+    )
+    p.add_argument(
+        "--streams",
+        type=int,
+        help=f"concurrent streams (default 20; with --find-max the first step, default "
+        f"{FIND_MAX_START})",
+    )
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of audio per stream")
+    p.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams start")
+    p.add_argument("--chunk-ms", type=int, default=100, help="audio per chunk, 20-100 ms")
+    p.add_argument(
+        "--slot-ms",
+        type=int,
+        default=10,
+        help="streams start on a grid of this many ms (0: anywhere); default 10",
+    )
+    p.add_argument("--format", choices=["raw", "webm"], default="raw")
+    p.add_argument("--ws", action="store_true", help="WebSocket /v1/ws instead of HTTP + SSE")
+    p.add_argument(
+        "--lag-from",
+        choices=["detectable", "sent"],
+        default="detectable",
+        help="what 'held' measures lag from: the audio up to the event's time plus the VAD's "
+        "redemption wait (default), or up to the event's time alone (includes that wait)",
+    )
+    p.add_argument(
+        "--find-max",
+        action="store_true",
+        help=f"double N from --streams (default {FIND_MAX_START}) until a step does not hold",
+    )
+    p.add_argument("--max-streams", type=int, default=3200, help="--find-max stops here")
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        help="--find-max: bisection steps after doubling (default 2)",
+    )
+    args = p.parse_args(argv)
+    if not 20 <= args.chunk_ms <= 100:
+        p.error("--chunk-ms must be between 20 and 100")
+    if args.slot_ms < 0 or args.slot_ms > args.chunk_ms:
+        p.error("--slot-ms must be between 0 and --chunk-ms")
+    if args.streams is None:
+        args.streams = FIND_MAX_START if args.find_max else 20
+    if args.streams < 1 or args.duration <= 0 or args.ramp < 0:
+        p.error("--streams, --duration must be positive and --ramp not negative")
+    return args
+
+
+async def wait_idle(url: str, timeout_s: float = 30.0) -> None:
+    """Between steps: until the server has no live sessions left."""
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+        with anyio.move_on_after(timeout_s):
+            while True:
+                try:
+                    r = await client.get(f"{url}/readyz")
+                    if r.status_code == 200 and not r.json().get("sessions"):
+                        return
+                except httpx.HTTPError:
+                    pass
+                await anyio.sleep(0.5)
+
+
+async def warm_up(url: str, ws: bool) -> None:
+    """Load what the streams use lazily (httpcore's HTTP/1.1 code, the WebSocket client) before
+    anything is measured: imports are not the generator's running cost."""
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+        await client.get(f"{url}/readyz")
+        async with client.stream("GET", f"{url}/healthz") as response:
+            async for _ in iter_sse(response.aiter_lines()):
+                pass
+    if ws:
+        import websockets.asyncio.client  # noqa: F401
+
+
+async def find_max(
+    opts: Options, audio: Audio, url: str, first: int, most: int, refine: int
+) -> list[dict[str, Any]]:
+    """Double N from ``first`` while steps hold (halve it while the first ones do not), then
+    bisect ``refine`` times between the largest N held and the smallest not held."""
+    steps: list[dict[str, Any]] = []
+
+    async def step(n: int) -> bool:
+        await wait_idle(url)
+        result = await run_step(opts, audio, n)
+        steps.append(result)
+        print(
+            f"N={n}: {'held' if result['held'] else 'did not hold'}  "
+            f"p99 {_fmt(result['held_lag_p99_ms'])} ms  behind {result['behind']}  "
+            f"failed {result['failed']}  load {result['loadavg_1m']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return bool(result["held"])
+
+    good, bad = 0, None
+    n = min(first, most)
+    if await step(n):
+        good = n
+        while n * 2 <= most:
+            n *= 2
+            if not await step(n):
+                bad = n
+                break
+            good = n
+    else:
+        bad = n
+        while n > 1:
+            n //= 2
+            if await step(n):
+                good = n
+                break
+            bad = n
+    for _ in range(refine):
+        if bad is None or bad - good <= max(1, good // 10):
+            break
+        n = (good + bad) // 2
+        if await step(n):
+            good = n
+        else:
+            bad = n
+    return steps
+
+
+async def main_async(args: argparse.Namespace, url: str, server: Proc | None) -> int:
+    make = raw_audio if args.format == "raw" else webm_audio
+    audio = make(args.duration, args.chunk_ms)
+    opts = Options(
+        url,
+        server,
+        args.streams,
+        args.duration,
+        args.ramp,
+        args.chunk_ms,
+        args.ws,
+        args.format,
+        args.lag_from,
+        args.slot_ms,
+    )
+    if server is None:
+        print("no --server-pid or --spawn: server CPU and RSS are not measured", file=sys.stderr)
+    await warm_up(url, args.ws)
+    if not args.find_max:
+        result = await run_step(opts, audio, args.streams)
+        print_figures(result, sys.stdout)
+        print(json.dumps(result), flush=True)
+        return 0 if result["held"] else 1
+
+    steps = await find_max(opts, audio, url, args.streams, args.max_streams, args.refine)
+    held = [s["streams"] for s in steps if s["held"]]
+    best = max(held) if held else 0
+    print(
+        f"\nfind-max: {audio.label} over {'ws' if args.ws else 'http1'}, "
+        f"{args.duration:g} s streams, {args.chunk_ms} ms chunks"
+    )
+    print_steps(steps, sys.stdout)
+    print(f"largest N held: {best}")
+    print(json.dumps({"max_streams_held": best, "steps": steps}), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    raise_fd_limit()
+    spawned: Spawned | None = None
+    url, pid = args.url.rstrip("/"), args.server_pid
+    if args.spawn:
+        env = dict(item.split("=", 1) for item in args.env)
+        spawned = spawn_server(env)
+        url, pid = spawned.url, spawned.process.pid
+        print(f"spawned server pid {pid} at {url} (log {spawned.log_path})", file=sys.stderr)
+    try:
+        code = anyio.run(main_async, args, url, Proc(pid) if pid else None)
+    finally:
+        if spawned is not None:
+            spawned.stop()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

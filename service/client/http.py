@@ -1,0 +1,143 @@
+"""The HTTP transport: create a session, follow its events (SSE), upload the audio alongside.
+
+The subscription opens before the upload starts, then both run in one task group until ``end``
+arrives. HTTP/1.1 sends the body chunked; HTTP/2 (``--http2``) speaks h2c with prior knowledge.
+
+Over HTTP/2 the upload gets a connection of its own. On a shared connection httpcore's sender,
+once out of flow-control window, waits by reading the socket itself, and misses a WINDOW_UPDATE
+that the events stream's reader has already consumed: the upload then stalls until some other
+frame arrives (the SSE ping, 15 s later). Measured here with a 3 s WAV of noise, whose session
+sends no event until its end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import httpx
+from anyio.abc import TaskGroup
+
+from service.client.options import ClientFailure, Options, Outcome
+from service.client.render import Renderer
+from service.client.sse import iter_sse
+
+CONNECT_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 60.0
+# Once the upload's response is in (it comes after the pipeline drained), ``end`` is on its way.
+END_AFTER_UPLOAD_S = 30.0
+
+
+def describe_error(response: httpx.Response) -> str:
+    """``415 unsupported_format: ...`` from the service's JSON error body, or the raw status."""
+    try:
+        error = response.json()["error"]
+        return f"{response.status_code} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status_code} {response.reason_phrase}".strip()
+
+
+def _client(opts: Options) -> httpx.AsyncClient:
+    http2 = opts.transport == "http2"
+    timeout = httpx.Timeout(
+        connect=CONNECT_TIMEOUT_S,
+        # Events may be minutes apart on a quiet stream, and the upload's response only comes
+        # when the pipeline has drained: neither read is bounded; the session's limits are.
+        read=None,
+        write=WRITE_TIMEOUT_S,
+        pool=CONNECT_TIMEOUT_S,
+    )
+    return httpx.AsyncClient(
+        http1=not http2, http2=http2, headers=opts.headers, timeout=timeout, trust_env=False
+    )
+
+
+async def create_session(
+    client: httpx.AsyncClient, base_url: str, config: Mapping[str, Any]
+) -> Any:
+    url = base_url.rstrip("/") + "/v1/sessions"
+    try:
+        response = await client.post(url, json=dict(config))
+    except httpx.HTTPError as exc:
+        raise ClientFailure(f"cannot reach {url}: {_text(exc)}") from None
+    if response.status_code != 201:
+        raise ClientFailure(f"creating the session failed: {describe_error(response)}")
+    return response.json()
+
+
+async def run_http(
+    opts: Options, audio: AsyncIterable[bytes], renderer: Renderer, outcome: Outcome
+) -> None:
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(_client(opts))
+        uploader = client
+        if opts.transport == "http2":
+            uploader = await stack.enter_async_context(_client(opts))
+        created = await create_session(client, opts.url, opts.config)
+        outcome.session_id = created["id"]
+        via = "HTTP/2 (h2c)" if opts.transport == "http2" else "HTTP/1.1 chunked"
+        renderer.note(f"session {created['id']} via {via}")
+        try:
+            async with client.stream("GET", created["events_url"]) as events:
+                if events.status_code != 200:
+                    await events.aread()
+                    raise ClientFailure(f"subscribing to events failed: {describe_error(events)}")
+                ended = anyio.Event()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(
+                        _upload, uploader, created["audio_url"], audio, outcome, ended, tg
+                    )
+                    await _follow(events, renderer, outcome)
+                    ended.set()
+                    tg.cancel_scope.cancel()
+        except httpx.HTTPError as exc:
+            raise ClientFailure(f"subscribing to events failed: {_text(exc)}") from None
+
+
+def _text(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def _follow(events: httpx.Response, renderer: Renderer, outcome: Outcome) -> None:
+    try:
+        async for message in iter_sse(events.aiter_lines()):
+            try:
+                event = json.loads(message.data)
+            except json.JSONDecodeError:
+                renderer.problem(f"ignored an event that is not JSON: {message.data[:80]!r}")
+                continue
+            renderer.event(event)
+            if outcome.observe(event):
+                return
+    except httpx.HTTPError as exc:
+        outcome.failure = outcome.failure or f"the event stream failed: {_text(exc)}"
+        return
+    outcome.failure = outcome.failure or "the event stream closed before the session ended"
+
+
+async def _upload(
+    client: httpx.AsyncClient,
+    url: str,
+    audio: AsyncIterable[bytes],
+    outcome: Outcome,
+    ended: anyio.Event,
+    tg: TaskGroup,
+) -> None:
+    problem = "the session did not end after the upload"
+    try:
+        response = await client.post(url, content=audio)
+    except httpx.HTTPError as exc:
+        # The server stops reading once a session cannot go on (garbage audio, a limit); the
+        # events say why, so this only matters if they do not arrive.
+        problem = f"upload failed: {_text(exc)}"
+    else:
+        if response.status_code >= 400:
+            problem = f"upload failed: {describe_error(response)}"
+    with anyio.move_on_after(END_AFTER_UPLOAD_S):
+        await ended.wait()
+    if not ended.is_set():
+        outcome.failure = problem
+        tg.cancel_scope.cancel()

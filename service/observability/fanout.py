@@ -1,0 +1,84 @@
+"""Several observers behind the one hook the pipeline calls: logs, metrics, traces, and any
+observer a caller of ``create_app`` adds."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from service.audio.chunk import Samples
+from service.model.runner import ModelCall, ModelObserver
+from service.session.observer import SessionObserver
+
+if TYPE_CHECKING:
+    from service.events.types import Event
+    from service.session.session import Session
+
+T = TypeVar("T")
+
+
+class FanOutObserver(SessionObserver):
+    """Calls each observer in order; stages are entered in order and left in reverse."""
+
+    def __init__(self, observers: Sequence[SessionObserver]) -> None:
+        self.observers = tuple(observers)
+
+    def session_created(self, session: Session) -> None:
+        for o in self.observers:
+            o.session_created(session)
+
+    def session_started(self, session: Session) -> None:
+        for o in self.observers:
+            o.session_started(session)
+
+    def session_ended(self, session: Session) -> None:
+        for o in self.observers:
+            o.session_ended(session)
+
+    def bytes_received(self, session: Session, n: int) -> None:
+        for o in self.observers:
+            o.bytes_received(session, n)
+
+    def audio_decoded(self, session: Session, samples: int, busy_s: float) -> None:
+        for o in self.observers:
+            o.audio_decoded(session, samples, busy_s)
+
+    def event_emitted(self, session: Session, event: Event, lag_s: float | None) -> None:
+        for o in self.observers:
+            o.event_emitted(session, event, lag_s)
+
+    def stage(self, session: Session, name: str) -> AbstractContextManager[Any]:
+        return self._stage(session, name)
+
+    @contextmanager
+    def _stage(self, session: Session, name: str) -> Iterator[None]:
+        with ExitStack() as stack:
+            for o in self.observers:
+                stack.enter_context(o.stage(session, name))
+            yield
+
+    def subscriber(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+        for o in self.observers:
+            events = o.subscriber(events)
+        return events
+
+
+class FanOutModelObserver(ModelObserver):
+    def __init__(self, observers: Sequence[ModelObserver]) -> None:
+        self.observers = tuple(observers)
+
+    def call_started(self, call: ModelCall, queued_s: float) -> None:
+        for o in self.observers:
+            o.call_started(call, queued_s)
+
+    def call_finished(self, call: ModelCall, seconds_taken: float, error: str | None) -> None:
+        for o in self.observers:
+            o.call_finished(call, seconds_taken, error)
+
+    def infer_wrapper(
+        self, call: ModelCall, fn: Callable[[Samples], Mapping[str, Any]]
+    ) -> Callable[[Samples], Mapping[str, Any]]:
+        for o in self.observers:
+            fn = o.infer_wrapper(call, fn)
+        return fn

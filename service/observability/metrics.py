@@ -1,0 +1,337 @@
+"""Prometheus metrics: what an operator of a streaming service watches.
+
+Every metric lives on the app's own :class:`CollectorRegistry`, never the process-wide default:
+several apps run in one test process, and an app's figures must be its own. ``docs/operators.md``
+says what each metric tells.
+
+The real-time factor (processing seconds / audio seconds) is measured per stage as the seed
+does, with the seed's histogram names under our ``streamer_`` prefix and its stage names as the
+``stage`` label: ``audio_decoding`` (one observation per decoded chunk, decoding work only, not
+waits for the network), ``vad_processing`` (one per cross-session batch, onnxruntime time over
+the stream-seconds in the batch) and ``model_inference`` (one per model call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.config import MODEL_SAMPLE_RATE
+from service.errors import ErrorCode, StreamerError
+from service.events.types import Error, Event, Segment
+from service.model.runner import ModelCall, ModelObserver
+from service.session.observer import SessionObserver
+from service.session.session import EndReason
+from service.vad.silero import FRAME
+
+if TYPE_CHECKING:
+    import anyio
+
+    from service.session.session import Session
+
+T = TypeVar("T")
+
+# The seed's stage names, as the value of the ``stage`` label.
+DECODE, VAD, MODEL = "audio_decoding", "vad_processing", "model_inference"
+STAGES = (DECODE, VAD, MODEL)
+
+# The seed's RTF buckets, with three below its 0.01: decoding and batched Silero run at RTF
+# ~0.001-0.005 here, which would otherwise all land in the first bucket.
+RTF_BUCKETS = (
+    *(0.001, 0.0025, 0.005),
+    *(0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0),
+    *(4.0, 6.0, 8.0, 10.0, 15.0),
+)
+# The seed's duration buckets, with finer ones below 0.25 s: decoded chunks and VAD batches
+# hold tens of milliseconds of audio.
+MEDIA_BUCKETS = (
+    *(0.02, 0.05, 0.1),
+    *(0.25, 0.5, 0.75, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 90.0),
+    *(120.0, 300.0),
+)
+PROCESSING_BUCKETS = (
+    *(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SESSION_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+
+# Event types as labelled: the API's, with segments split by finality (finals are the product;
+# interims are optional extras whose volume and lag differ).
+EVENT_TYPES = ("active", "inactive", "final", "interim", "error", "end")
+MODEL_OUTCOMES = {
+    None: "ok",
+    ErrorCode.MODEL_FAILED.value: "failed",
+    ErrorCode.MODEL_PANIC.value: "panic",
+}
+
+
+def event_type(event: Event) -> str:
+    if isinstance(event, Segment):
+        return "final" if event.is_final else "interim"
+    return event.type
+
+
+class Metrics:
+    """The app's metrics and the registry that exposes them."""
+
+    def __init__(self) -> None:
+        # No "<name>_created" timestamp series: they double the series count and nothing here
+        # reads them (Prometheus detects counter resets by itself). A process-wide switch.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+        # The real-time-factor set, per stage.
+        self.media = Histogram(
+            "streamer_media_duration_seconds",
+            "Audio processed per unit of work (decoded chunk, VAD batch, model call)",
+            ["stage"],
+            buckets=MEDIA_BUCKETS,
+            registry=r,
+        )
+        self.processing = Histogram(
+            "streamer_processing_duration_seconds",
+            "Processing time per unit of work (decoded chunk, VAD batch, model call)",
+            ["stage"],
+            buckets=PROCESSING_BUCKETS,
+            registry=r,
+        )
+        self.rtf = Histogram(
+            "streamer_rtf",
+            "Real-time factor per unit of work: processing seconds / audio seconds",
+            ["stage"],
+            buckets=RTF_BUCKETS,
+            registry=r,
+        )
+
+        # Sessions.
+        self.sessions_active = Gauge(
+            "streamer_sessions_active",
+            "Sessions not yet ended: created (waiting for audio) or running",
+            ["state"],
+            registry=r,
+        )
+        self.sessions_created = Counter("streamer_sessions_created", "Sessions created", registry=r)
+        self.sessions_ended = Counter(
+            "streamer_sessions_ended", "Sessions ended, by end reason", ["reason"], registry=r
+        )
+        self.session_duration = Histogram(
+            "streamer_session_duration_seconds",
+            "Wall-clock length of ended sessions, from first audio (or creation) to end",
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        self.subscribers = Gauge(
+            "streamer_subscribers_active", "Open SSE event streams", registry=r
+        )
+
+        # In and out.
+        self.bytes_in = Counter(
+            "streamer_received_bytes", "Audio bytes received (uploads and WebSocket)", registry=r
+        )
+        self.audio_in = Counter(
+            "streamer_received_audio_seconds",
+            "Audio decoded, in seconds per channel (16 kHz samples / 16000)",
+            registry=r,
+        )
+        self.events = Counter("streamer_events", "Events emitted, by type", ["type"], registry=r)
+        self.event_lag = Histogram(
+            "streamer_event_lag_seconds",
+            "From the arrival of the audio that produced an event to its emission",
+            ["type"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "streamer_errors",
+            "Errors reported to clients (error events and HTTP error responses), by code",
+            ["code"],
+            registry=r,
+        )
+
+        # The model and its shared worker threads.
+        self.model_calls = Counter(
+            "streamer_model_calls",
+            "Model calls, by kind (final/interim) and outcome (ok/failed/panic)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.model_queue_wait = Histogram(
+            "streamer_model_queue_wait_seconds",
+            "Time a model call waited for a worker thread",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self._model_limiter: anyio.CapacityLimiter | None = None
+        Gauge("streamer_model_threads", "Worker threads for model calls", registry=r).set_function(
+            lambda: self._limiter_stat("total")
+        )
+        Gauge(
+            "streamer_model_threads_busy", "Worker threads running a model call", registry=r
+        ).set_function(lambda: self._limiter_stat("borrowed"))
+        Gauge(
+            "streamer_model_calls_waiting", "Model calls waiting for a worker thread", registry=r
+        ).set_function(lambda: self._limiter_stat("waiting"))
+
+        # Cross-session VAD batching.
+        self.vad_batch_streams = Histogram(
+            "streamer_vad_batch_streams",
+            "Streams (session channels) in one VAD batch",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+
+        # Every known label value from the start, at zero: rate() and alerts need the series
+        # to exist before the first event.
+        for stage in STAGES:
+            for h in (self.media, self.processing, self.rtf):
+                h.labels(stage)
+        for state in ("created", "running"):
+            self.sessions_active.labels(state)
+        for reason in EndReason:
+            self.sessions_ended.labels(reason.value)
+        for t in EVENT_TYPES:
+            self.events.labels(t)
+            if t != "end":
+                self.event_lag.labels(t)
+        for code in ErrorCode:
+            self.errors.labels(code.value)
+        for kind in ("final", "interim"):
+            for outcome in MODEL_OUTCOMES.values():
+                self.model_calls.labels(kind, outcome)
+
+    def watch_model_limiter(self, limiter: anyio.CapacityLimiter) -> None:
+        """Expose the model threads' capacity in use (read at scrape time)."""
+        self._model_limiter = limiter
+
+    def _limiter_stat(self, which: str) -> float:
+        limiter = self._model_limiter
+        if limiter is None:
+            return 0.0
+        if which == "total":
+            return float(limiter.total_tokens)
+        if which == "borrowed":
+            return float(limiter.borrowed_tokens)
+        return float(limiter.statistics().tasks_waiting)
+
+    def observe_rtf(self, stage: str, media_s: float, processing_s: float) -> None:
+        if media_s <= 0:
+            return
+        self.media.labels(stage).observe(media_s)
+        self.processing.labels(stage).observe(processing_s)
+        self.rtf.labels(stage).observe(processing_s / media_s)
+
+    def vad_batch(self, seconds: float, streams: int, frames: int) -> None:
+        """:class:`VadBatcher`'s ``on_batch``: one batch's compute time over its stream-seconds."""
+        self.observe_rtf(VAD, frames * FRAME / MODEL_SAMPLE_RATE, seconds)
+        self.vad_batch_streams.observe(streams)
+
+    def count_errors(
+        self, handler: Callable[[Request, Exception], Awaitable[Response]]
+    ) -> Callable[[Request, Exception], Awaitable[Response]]:
+        """Wrap the app's ``StreamerError`` handler so errors answered over HTTP (bad config,
+        unknown session, too many sessions, ...) count like error events do."""
+
+        async def counted(request: Request, exc: Exception) -> Response:
+            if isinstance(exc, StreamerError):
+                self.errors.labels(exc.code.value).inc()
+            return await handler(request, exc)
+
+        return counted
+
+    async def endpoint(self, request: Request) -> Response:
+        """``GET /metrics``: Prometheus text format (OpenMetrics if the scraper asks for it)."""
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(self.registry), headers={"Content-Type": content_type})
+
+
+class MetricsObserver(SessionObserver, ModelObserver):
+    """Feeds :class:`Metrics` from the session and model hooks. Model hooks run in worker
+    threads; prometheus-client metrics are thread-safe."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def session_created(self, session: Session) -> None:
+        self.m.sessions_created.inc()
+        self.m.sessions_active.labels("created").inc()
+
+    def session_started(self, session: Session) -> None:
+        self.m.sessions_active.labels("created").dec()
+        self.m.sessions_active.labels("running").inc()
+
+    def session_ended(self, session: Session) -> None:
+        m = self.m
+        started = session.started_at is not None
+        m.sessions_active.labels("running" if started else "created").dec()
+        reason = session.end_reason.value if session.end_reason else "unknown"
+        m.sessions_ended.labels(reason).inc()
+        begin = session.started_at if session.started_at is not None else session.created_at
+        if session.ended_at is not None:
+            m.session_duration.observe(max(0.0, session.ended_at - begin))
+
+    def bytes_received(self, session: Session, n: int) -> None:
+        self.m.bytes_in.inc(n)
+
+    def audio_decoded(self, session: Session, samples: int, busy_s: float) -> None:
+        seconds = samples / MODEL_SAMPLE_RATE
+        self.m.audio_in.inc(seconds)
+        self.m.observe_rtf(DECODE, seconds, busy_s)
+
+    def event_emitted(self, session: Session, event: Event, lag_s: float | None) -> None:
+        kind = event_type(event)
+        self.m.events.labels(kind).inc()
+        if lag_s is not None:
+            self.m.event_lag.labels(kind).observe(max(0.0, lag_s))
+        if isinstance(event, Error):
+            self.m.errors.labels(event.code).inc()
+
+    def subscriber(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+        return _counted(events, self.m.subscribers)
+
+    # -- model calls (worker threads) ----------------------------------------------------------
+
+    def call_started(self, call: ModelCall, queued_s: float) -> None:
+        self.m.model_queue_wait.observe(max(0.0, queued_s))
+
+    def call_finished(self, call: ModelCall, seconds_taken: float, error: str | None) -> None:
+        kind = "final" if call.is_final else "interim"
+        self.m.model_calls.labels(kind, MODEL_OUTCOMES.get(error, "panic")).inc()
+        self.m.observe_rtf(MODEL, (call.end - call.start) / MODEL_SAMPLE_RATE, seconds_taken)
+
+
+async def _counted(events: AsyncIterator[T], gauge: Gauge) -> AsyncIterator[T]:
+    # Counted from the first read, not from creation: a HEAD request builds the stream but
+    # never reads it, and nothing would ever close it.
+    gauge.inc()
+    try:
+        async for item in events:
+            yield item
+    finally:
+        gauge.dec()
+        # sse-starlette closes the stream it was given (this one); pass that on, so the log
+        # follower's own cleanup runs now rather than at garbage collection.
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()

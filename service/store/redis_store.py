@@ -1,0 +1,427 @@
+"""Sessions in Redis, so that any worker on any host serves any session (docs/scaling.md).
+
+- A session is a hash (config, state, counters, owner), a Stream of events and a lease key;
+  ``lua.py`` lists the keys and holds the scripts that change them atomically.
+- Event N is stream entry ``0-N``: the SSE ``id:`` is the stream position, so ``Last-Event-ID``
+  resumes with one XREAD on whichever worker the client reconnects to.
+- The worker that receives the audio claims the session and runs the pipeline; it renews a lease
+  while it runs. Readers block on XREAD for at most ``redis_poll_seconds`` at a time and then
+  check the lease: a running session without one lost its worker, and the first reader to notice
+  writes its ``end {reason: "worker_lost"}`` (a guarded script, so exactly one does).
+- Every Redis failure surfaces as ``StoreUnavailable`` (code ``store_unavailable``, 503) after a
+  few quick reconnect attempts; nothing waits on Redis without a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import anyio
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from service.config import SessionConfig, config_to_dict, parse_session_config
+from service.errors import ErrorCode, StoreUnavailable, StreamerError
+from service.events.encode import to_json
+from service.events.types import End, Event, LoggedEvent
+from service.session.session import EndReason
+from service.settings import Settings
+from service.store import lua
+from service.store.base import Claim
+
+log = logging.getLogger(__name__)
+
+# Replay page size: catches up quickly without one huge reply.
+READ_COUNT = 256
+# Quick reconnect attempts (50, 100, 200 ms apart) ride out a restart or failover; past them the
+# caller gets StoreUnavailable rather than a wait.
+RETRIES = 3
+
+_END_FIELDS = frozenset({"type", "reason", "channel"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    session: str
+    events: str
+    lease: str
+    cancel: str
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _float(raw: str | None) -> float | None:
+    return float(raw) if raw else None
+
+
+@contextmanager
+def _unavailable(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreUnavailable(f"Redis unavailable while {doing}: {exc}") from exc
+
+
+def _not_found() -> NoReturn:
+    raise StreamerError(
+        ErrorCode.SESSION_NOT_FOUND, "no such session (unknown, or expired after retention)"
+    )
+
+
+def _gone(session_id: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"Redis no longer holds session {session_id} (Redis restarted without persistence, or "
+        "its keys were removed)"
+    )
+
+
+class RedisStore:
+    shared = True
+
+    def __init__(self, settings: Settings, *, worker_id: str | None = None) -> None:
+        if not settings.redis_url:
+            raise ValueError("RedisStore needs settings.redis_url")
+        self.settings = settings
+        self.worker_id = worker_id or (
+            f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        )
+        timeout = settings.redis_timeout_seconds
+        self._redis = self._client(settings.redis_url, timeout)
+        # XREAD BLOCK and BLPOP (the owner's cancel wait, a third of the lease) wait by design,
+        # so their connections need a longer read timeout than one command: a pool of their own.
+        longest_wait = max(settings.redis_poll_seconds, settings.redis_lease_seconds / 3)
+        self._blocking = self._client(settings.redis_url, timeout + longest_wait)
+        self._append = self._redis.register_script(lua.APPEND)
+        self._claim = self._redis.register_script(lua.CLAIM)
+        self._renew = self._redis.register_script(lua.RENEW)
+        self._cancel = self._redis.register_script(lua.CANCEL)
+        self._lease_ms = _ms(settings.redis_lease_seconds)
+        self._retention_ms = _ms(settings.retention_seconds)
+        self._poll_ms = _ms(settings.redis_poll_seconds)
+
+    def _client(self, url: str, socket_timeout: float) -> Redis:
+        return Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=self.settings.redis_timeout_seconds,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+        )
+
+    def _keys(self, session_id: str) -> _Keys:
+        base = f"{self.settings.redis_prefix}:{{{session_id}}}"
+        return _Keys(f"{base}:session", f"{base}:events", f"{base}:lease", f"{base}:cancel")
+
+    # -- records ------------------------------------------------------------------------------
+
+    def log(self, session_id: str) -> RedisEventLog:
+        return RedisEventLog(self, session_id, owned=True)
+
+    async def create(
+        self, session_id: str, config: SessionConfig, summary: Mapping[str, Any]
+    ) -> None:
+        k = self._keys(session_id)
+        start_ms = _ms(self.settings.unstarted_timeout_seconds)
+        record: dict[Any, str | int] = {  # redis-py types its keys invariantly
+            "state": "created",
+            "config": to_json(config_to_dict(config)),
+            "created_at": repr(time.time()),
+            "summary": to_json(summary),
+            "last_id": 0,
+            "owner": "",
+        }
+        with _unavailable("creating a session"):
+            async with self._redis.pipeline(transaction=True) as p:
+                p.hset(k.session, mapping=record)
+                p.pexpire(k.session, start_ms + self._retention_ms)
+                # The start deadline: claimable while this exists (see lua.CLAIM).
+                p.set(k.lease, "", px=start_ms)
+                await p.execute()
+
+    async def claim(self, session_id: str) -> Claim:
+        k = self._keys(session_id)
+        token = secrets.token_hex(8)
+        started_at = time.time()
+        args: list[str | int] = [
+            self.worker_id,
+            token,
+            self._lease_ms,
+            repr(started_at),
+            self._lease_ms + self._retention_ms,
+        ]
+        with _unavailable("claiming a session"):
+            reply = await self._claim(keys=[k.session, k.lease], args=args)
+        if reply[0] == "ok":
+            return Claim(parse_session_config(json.loads(reply[1])), float(reply[2]), started_at)
+        state, leased = reply[0], int(reply[1])
+        if state == "missing":
+            _not_found()
+        if state == "running" and leased:
+            raise StreamerError(ErrorCode.SESSION_BUSY, "this session already has an audio upload")
+        if state != "ended":
+            # Its start deadline passed, or its owner died: end it for everyone, then refuse.
+            await self._settle(session_id)
+        raise StreamerError(ErrorCode.SESSION_ENDED, "this session has ended; create a new one")
+
+    async def status(self, session_id: str) -> dict[str, Any]:
+        k = self._keys(session_id)
+        for _ in range(2):
+            with _unavailable("reading a session"):
+                async with self._redis.pipeline(transaction=False) as p:
+                    p.hgetall(k.session)
+                    p.exists(k.lease)
+                    record, leased = await p.execute()
+            if not record:
+                _not_found()
+            if record["state"] == "ended" or leased:
+                break
+            await self._settle(session_id)  # nobody will end it otherwise; then read again
+        return self._status(session_id, record)
+
+    def _status(self, session_id: str, h: Mapping[str, str]) -> dict[str, Any]:
+        # The same shape as Session.status(); counters are as of the owner's last renewal.
+        return {
+            "id": session_id,
+            "state": h["state"],
+            "end_reason": h.get("end_reason") or None,
+            "created_at": _float(h.get("created_at")),
+            "started_at": _float(h.get("started_at")),
+            "ended_at": _float(h.get("ended_at")),
+            "last_event_id": int(h.get("last_id") or 0),
+            "config": json.loads(h["config"]),
+            **json.loads(h.get("summary") or "{}"),
+        }
+
+    async def cancel(self, session_id: str) -> dict[str, Any]:
+        k = self._keys(session_id)
+        for _ in range(3):
+            with _unavailable("cancelling a session"):
+                state = await self._cancel(
+                    keys=[k.session, k.cancel], args=[self._lease_ms + self._retention_ms]
+                )
+            if state == "missing":
+                _not_found()
+            if state != "created":
+                break  # running: its owner was signalled; ended: nothing to do
+            # Nobody runs it: end it here, unless an upload claims it first (then signal that).
+            summary = await self._summary(session_id)
+            outcome = await self._end_unowned(
+                session_id, "created", EndReason.CANCELLED, summary, lease_gone=False
+            )
+            if outcome != "state":
+                break
+        return await self.status(session_id)
+
+    async def reader(self, session_id: str) -> RedisEventLog:
+        with _unavailable("opening a session's events"):
+            exists = await self._redis.exists(self._keys(session_id).session)
+        if not exists:
+            _not_found()
+        return RedisEventLog(self, session_id, owned=False)
+
+    async def renew(
+        self, session_id: str, config: Mapping[str, Any], summary: Mapping[str, Any]
+    ) -> bool:
+        k = self._keys(session_id)
+        args: list[str | int] = [
+            self.worker_id,
+            self._lease_ms,
+            self._lease_ms + self._retention_ms,
+            to_json(summary),
+            to_json(config),
+        ]
+        with _unavailable("renewing a lease"):
+            return bool(await self._renew(keys=[k.session, k.lease, k.events], args=args))
+
+    async def wait_cancel(self, session_id: str, seconds: float) -> bool:
+        with _unavailable("waiting for a cancel request"):
+            popped = await self._blocking.blpop([self._keys(session_id).cancel], timeout=seconds)
+        return popped is not None
+
+    async def ping(self) -> None:
+        with _unavailable("checking readiness"):
+            await self._redis.ping()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+        await self._blocking.aclose()
+
+    # -- events -------------------------------------------------------------------------------
+
+    async def append_owned(self, session_id: str, event: Event) -> LoggedEvent:
+        """Append as the owner: refused unless this worker still owns the running session."""
+        data = event.to_dict()
+        # Unique per append, so a retry whose first attempt landed is recognised; the id comes
+        # from Redis, so an append cancelled after it landed leaves no gap or duplicate.
+        token = secrets.token_hex(8)
+        reply = await self._append_event(session_id, "running", self.worker_id, token, data)
+        if reply[0] == "ok":
+            return LoggedEvent(id=int(reply[1]), type=event.type, data=data)
+        if reply[0] == "missing":
+            raise _gone(session_id)
+        raise StoreUnavailable(
+            "this worker lost the session: its lease lapsed (longer than "
+            f"{self.settings.redis_lease_seconds:g} s without reaching Redis) and it was ended "
+            "as worker_lost"
+        )
+
+    async def _append_event(
+        self,
+        session_id: str,
+        state: str,
+        owner: str,
+        token: str,
+        data: Mapping[str, Any],
+        *,
+        lease_gone: bool = False,
+    ) -> list[Any]:
+        k = self._keys(session_id)
+        kind = str(data["type"])
+        is_end = kind == "end"
+        summary = {f: v for f, v in data.items() if f not in _END_FIELDS} if is_end else {}
+        args: list[str | int] = [
+            state,
+            owner,
+            "1" if lease_gone else "0",
+            token,
+            kind,
+            to_json(data),
+            self.settings.redis_stream_maxlen,
+            to_json(summary),
+            str(data["reason"]) if is_end else "",
+            repr(time.time()),
+            self._retention_ms,
+        ]
+        with _unavailable("appending an event"):
+            reply: list[Any] = await self._append(keys=[k.session, k.events, k.lease], args=args)
+        return reply
+
+    async def _end_unowned(
+        self,
+        session_id: str,
+        state: str,
+        reason: EndReason,
+        summary: Mapping[str, Any],
+        *,
+        lease_gone: bool,
+    ) -> str:
+        """Write the ``end`` of a session no worker runs. Guarded: at most one writer wins;
+        returns the script's outcome ("ok", or why it did not write)."""
+        data = End(reason.value, summary).to_dict()
+        token = secrets.token_hex(8)
+        reply = await self._append_event(session_id, state, "", token, data, lease_gone=lease_gone)
+        if reply[0] == "ok":
+            log.warning(
+                "ended session %s nobody was running", session_id, extra={"reason": reason.value}
+            )
+        return str(reply[0])
+
+    async def _summary(self, session_id: str) -> dict[str, Any]:
+        with _unavailable("reading a session"):
+            raw = await self._redis.hget(self._keys(session_id).session, "summary")
+        summary: dict[str, Any] = json.loads(raw or "{}")
+        return summary
+
+    async def _settle(self, session_id: str) -> str:
+        """A reader found nothing new: is anyone still going to write?
+
+        Returns "ended", "live" (an owner holds the lease, or the start deadline has not
+        passed), or writes the ``end`` of a session whose lease is gone and returns "ended"."""
+        k = self._keys(session_id)
+        with _unavailable("checking a session's owner"):
+            async with self._redis.pipeline(transaction=False) as p:
+                p.hmget(k.session, "state", "summary")
+                p.exists(k.lease)
+                (state, summary), leased = await p.execute()
+        if state is None:
+            raise _gone(session_id)
+        if state == "ended":
+            return "ended"
+        if leased:
+            return "live"
+        reason = EndReason.WORKER_LOST if state == "running" else EndReason.UNSTARTED_TIMEOUT
+        outcome = await self._end_unowned(
+            session_id, state, reason, json.loads(summary or "{}"), lease_gone=True
+        )
+        # "leased": the owner renewed just now after all.
+        return "live" if outcome == "leased" else "ended"
+
+    async def follow(self, session_id: str, after: int = 0) -> AsyncIterator[LoggedEvent]:
+        """Replay from ``after``, then follow live, until ``end``. Blocks at most a poll interval
+        at a time, then checks that someone is still writing."""
+        stream = self._keys(session_id).events
+        cursor = max(0, after)
+        block: int | None = None  # the first read never waits: an ended session returns at once
+        last_look = False
+        while True:
+            with _unavailable("reading events"):
+                # [[stream, [(entry_id, fields), ...]]], or empty when nothing came
+                reply: Any = await self._blocking.xread(
+                    {stream: f"0-{cursor}"}, count=READ_COUNT, block=block
+                )
+            if reply:
+                for entry_id, fields in reply[0][1]:
+                    cursor = int(entry_id.partition("-")[2])
+                    yield LoggedEvent(id=cursor, type=fields["t"], data=json.loads(fields["d"]))
+                    if fields["t"] == "end":
+                        return
+                block = self._poll_ms
+                continue
+            if last_look:
+                return  # ended, and nothing after the cursor (resumed past the end)
+            if await self._settle(session_id) == "ended":
+                # Its end may have landed between the read and the check: one more look.
+                last_look, block = True, None
+            else:
+                block = self._poll_ms
+
+
+class RedisEventLog:
+    """One session's Redis Stream as an ``EventLog``. The owner's instance appends, one append
+    in flight at a time so that ids follow the order of the emits; any instance follows."""
+
+    def __init__(self, store: RedisStore, session_id: str, *, owned: bool) -> None:
+        self._store = store
+        self.session_id = session_id
+        self._owned = owned
+        self._last = 0
+        self._closed = False
+        self._lock = anyio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def last_id(self) -> int:
+        return self._last
+
+    async def append(self, event: Event) -> LoggedEvent:
+        if not self._owned:
+            raise RuntimeError("only the session's owner appends to its log")
+        if self._closed:
+            raise RuntimeError("append to a closed event log")
+        async with self._lock:
+            logged = await self._store.append_owned(self.session_id, event)
+            self._last = logged.id
+        return logged
+
+    async def close(self) -> None:
+        # The end event already marked the session ended in Redis, in the same script.
+        self._closed = True
+
+    def follow(self, after: int = 0) -> AsyncIterator[LoggedEvent]:
+        return self._store.follow(self.session_id, after)
