@@ -57,6 +57,12 @@ QUEUED_CHUNKS = 8
 BATCH_SAMPLES = MODEL_SAMPLE_RATE
 # A run of packets that all fail to decode means the stream is garbage, not a damaged patch.
 MAX_CONSECUTIVE_ERRORS = 32
+# When no magic number named the demuxer, FFmpeg probes, and for junk it may settle on a demuxer
+# (MP3, MPEG-PS) that resynchronises by reading on and on without ever decoding a frame. Real
+# audio decodes its first frame well within this many bytes past the probe, so past it, with
+# nothing decoded yet, the upload is reported as unsupported instead of waiting for more junk
+# (or for the idle timeout) while the client holds the upload open.
+OPEN_SLACK_BYTES = 64 * 1024
 # Ceiling for the whole-upload fallback (MP4 with moov at the end).
 MAX_BUFFERED_BYTES = 256 * 1024 * 1024
 
@@ -276,9 +282,23 @@ class _StreamReader:
         self.received_at = received_at
         self.bytes_read = 0
         self.stopped = False
+        # Bytes an unidentified input may take without decoding any audio (None: no limit).
+        self.open_limit: int | None = None
 
     def read(self, n: int) -> bytes:
         if self._offset >= len(self._data):
+            if (
+                self.open_limit is not None
+                and self.bytes_read >= self.open_limit
+                and self._batch.frames == 0
+                and self._writer.samples_out == 0
+            ):
+                self.stopped = True
+                raise StreamerError(
+                    ErrorCode.UNSUPPORTED_FORMAT,
+                    f"could not identify an audio container in the first {self.bytes_read} "
+                    "bytes (FFmpeg recognises none; raw PCM must be declared with its format)",
+                )
             if self.stopped:
                 # FFmpeg may read again after an error; PyAV keeps only the first exception
                 # (and prints the rest), so later reads just report the end of the input.
@@ -360,6 +380,8 @@ async def decode_streaming(
     chunk_send, chunk_recv = anyio.create_memory_object_stream[tuple[bytes, float]](QUEUED_CHUNKS)
     batch = _Batch()
     reader = _StreamReader(head, src.received_at, chunk_recv, writer, batch)
+    if sniffed.demuxer is None:
+        reader.open_limit = sniffed.probe_bytes + OPEN_SLACK_BYTES
 
     def send(samples: Samples) -> None:
         anyio.from_thread.run(writer.write, samples, reader.received_at)
