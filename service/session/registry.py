@@ -191,6 +191,8 @@ class Registry:
                 owned = await self.store.renew(
                     session.id, config_to_dict(session.config), session.summary()
                 )
+                if session.state is SessionState.ENDED:
+                    return  # its end is written (or failed on its own): nothing left to keep
                 if not owned:
                     session.store_failed(
                         StoreUnavailable(
@@ -203,12 +205,20 @@ class Registry:
                 if await self.store.wait_cancel(session.id, interval):
                     session.cancel(EndReason.CANCELLED)
             except StoreUnavailable as exc:
+                if session.state is SessionState.ENDED:
+                    return
                 if time.monotonic() - last_renewed > lease:
                     # Other workers may already consider it lost: stop producing into the void.
                     session.store_failed(exc)
                     return
                 log.warning("lease renewal failed; retrying", extra={"session_id": session.id})
                 await anyio.sleep(min(interval, 0.5))
+            except Exception:
+                # A bug here must end this session only, as a bug in a pipeline stage does.
+                log.exception("lease keeper failed", extra={"session_id": session.id})
+                session.error = session.error or StreamerError(ErrorCode.INTERNAL, "internal error")
+                session.cancel(EndReason.ERROR)
+                return
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop taking sessions, let live ones drain what they received, cancel the rest."""

@@ -85,7 +85,7 @@ async def test_ids_are_stream_positions_replay_and_resume(make_store: StoreFacto
     assert [e.id for e in await collect(store, log.session_id, after=2)] == [3, 4]
     assert await collect(store, log.session_id, after=4) == []  # resumed past the end
     # SSE id N is stream entry 0-N, so any worker resumes with XREAD from 0-N.
-    raw = await store._redis.xrange(store._keys(log.session_id).events)
+    raw = await store._redis.xrange(store._keys(log.session_id).events) or []
     assert [entry_id for entry_id, _ in raw] == ["0-1", "0-2", "0-3", "0-4"]
     status = await store.status(log.session_id)
     assert (status["state"], status["end_reason"], status["last_event_id"]) == (
