@@ -25,18 +25,42 @@ async def upload_audio(request: Request) -> Response:
     fmt = parse_query_format(request.query_params)
     # With a shared store this claims the session for this worker, atomically.
     session = await registry.start(session_id, fmt)
-    await pump(request, session)
+    complete = await pump(request, session)
     with anyio.CancelScope(shield=True):
         await session.done.wait()
     body = {"id": session.id, **session.status(), **links(request, session.id)}
-    if session.error is not None:
-        return error_response(session.error, session=body)
-    return JSONResponse(body)
+    response = error_response(session.error, session=body) if session.error else JSONResponse(body)
+    if not complete and request.scope.get("http_version", "1.1").startswith("1"):
+        # Answered before the body ended: on HTTP/1.1 the rest of the body would still arrive on
+        # this connection and wedge the next request behind it, so close it after the answer.
+        # (HTTP/2 ends just this stream.)
+        response.headers["Connection"] = "close"
+    return response
 
 
-async def pump(request: Request, session: Session) -> None:
+async def pump(request: Request, session: Session) -> bool:
     """Read the body into the session until it ends, the client leaves, or the session stops
-    taking input. Reads ``receive`` directly so each wait can carry the idle timeout."""
+    taking input (then at once: a client that declared more body than it sends must not keep
+    the answer waiting). Reads ``receive`` directly so each wait can carry the idle timeout.
+    Returns whether the whole body was read."""
+    complete = False
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_input_closes() -> None:
+                await session.input_closed.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_when_input_closes)
+            complete = await _read_body(request, session)
+            tg.cancel_scope.cancel()
+    finally:
+        # Whatever happened (including cancellation), the session must not wait for more input.
+        session.close_input(EndReason.CLIENT_DISCONNECTED)
+    return complete
+
+
+async def _read_body(request: Request, session: Session) -> bool:
     idle = session.runtime.settings.idle_timeout_seconds
     receive = request.receive
     try:
@@ -50,18 +74,15 @@ async def pump(request: Request, session: Session) -> None:
                     ),
                     EndReason.IDLE_TIMEOUT,
                 )
-                return
+                return False
             if message["type"] == "http.disconnect":
                 session.close_input(EndReason.CLIENT_DISCONNECTED)
-                return
+                return True  # nothing more will arrive on this connection
             body: bytes = message.get("body", b"")
             if body:
                 await session.write(body)
             if not message.get("more_body", False):
                 session.close_input(EndReason.COMPLETED)
-                return
+                return True
     except InputClosed:
-        return
-    finally:
-        # Whatever happened (including cancellation), the session must not wait for more input.
-        session.close_input(EndReason.CLIENT_DISCONNECTED)
+        return False

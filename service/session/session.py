@@ -102,6 +102,9 @@ class Session:
         self.error: StreamerError | None = None  # the first error that ended or marred input
         self.started = anyio.Event()
         self.done = anyio.Event()
+        # Set once the session takes no more input (closed by a transport, or the decoder
+        # stopped early): transports stop reading their client instead of waiting for it.
+        self.input_closed = anyio.Event()
         self._input: MemoryObjectSendStream[bytes] | None = None
         self._input_reason: EndReason | None = None
         self._cancel_reason: EndReason | None = None
@@ -176,6 +179,7 @@ class Session:
             self._input_reason = reason
         if self._input is not None:
             self._input.close()
+        self.input_closed.set()
 
     async def fail_input(self, error: StreamerError, reason: EndReason) -> None:
         """Stop taking input because of ``error`` (a limit, a protocol error); keep results."""
@@ -235,6 +239,7 @@ class Session:
                     await self.emit(Error(exc.code.value, exc.message))
                     if self._input_reason is None:
                         self._input_reason = EndReason.ERROR
+            self.input_closed.set()
 
     def _decoded(self, samples: int, busy_s: float) -> None:
         self.runtime.observer.audio_decoded(self, samples, busy_s)
