@@ -44,7 +44,7 @@ async def decode(
     fmt: PcmFormat | None,
     send: MemoryObjectSendStream[AudioChunk],
     *,
-    on_chunk: Callable[[int, float], None] | None = None,
+    on_chunk: Callable[[AudioChunk, float], None] | None = None,
 ) -> DecodeResult:
     """Decode an upload while it arrives, sending :class:`AudioChunk` objects to ``send``.
 
@@ -57,7 +57,7 @@ async def decode(
     ``DECODE_FAILED``, ``PARTIAL_SAMPLE``, ``PAYLOAD_TOO_LARGE``) only after sending all audio
     decoded before the failure. An exception from ``source`` itself propagates the same way.
 
-    ``on_chunk(samples, busy_s)`` is called for each chunk sent, with the decoding work that
+    ``on_chunk(chunk, busy_s)`` is called for each chunk sent, with the decoding work that
     produced it (for metrics: the decode stage's real-time factor).
     """
     async with send:

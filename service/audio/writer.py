@@ -19,12 +19,12 @@ class ChunkWriter:
     def __init__(
         self,
         send: MemoryObjectSendStream[AudioChunk],
-        on_chunk: Callable[[int, float], None] | None = None,
+        on_chunk: Callable[[AudioChunk, float], None] | None = None,
     ) -> None:
         self._send = send
         self.samples_out = 0
         self.channels: int | None = None
-        # Decoding work since the last chunk, reported with it: ``on_chunk(samples, busy_s)``.
+        # Each chunk, with the decoding work since the last one: ``on_chunk(chunk, busy_s)``.
         self._on_chunk = on_chunk
         self._busy_s = 0.0
 
@@ -45,6 +45,6 @@ class ChunkWriter:
         )
         self.samples_out = chunk.end
         if self._on_chunk is not None:
-            self._on_chunk(chunk.frames, self._busy_s)
+            self._on_chunk(chunk, self._busy_s)
             self._busy_s = 0.0
         await self._send.send(chunk)
