@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if v is not None
     }
     settings = Settings.from_env(**overrides)
-    _configure_logging(settings)
+    _configure_process(settings)
     if settings.workers < 1:
         print("python -m service: --workers must be at least 1", file=sys.stderr)
         sys.exit(2)
@@ -90,13 +90,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     asyncio.run(_serve(app, settings))
 
 
-def _configure_logging(settings: Settings) -> None:
+def _configure_process(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
+    # The event loop shares the GIL with the VAD and model threads. A thread that wants the GIL
+    # back (the loop, after a socket call; the VAD thread, between onnxruntime steps) waits up
+    # to the switch interval while another runs Python; at the default 5 ms that wait, several
+    # times per VAD batch, becomes most of the event lag under load (BENCHMARKS.md).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
 
 
 def run_worker(settings: Settings, bind: list[str]) -> None:
     """One worker of ``--workers N``, in its own process, serving on inherited sockets."""
-    _configure_logging(settings)
+    _configure_process(settings)
     app = create_app(settings)
     asyncio.run(_serve(app, settings, bind=bind))
 

@@ -54,6 +54,9 @@ class Settings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
 
+    # The interpreter's GIL switch interval (sys.setswitchinterval) set by `python -m service`.
+    gil_switch_interval_ms: float = 1.0
+
     log_level: str = "INFO"
     log_format: str = "json"  # or "text"; one JSON object per line carries session and trace ids
 

@@ -39,11 +39,11 @@ async def upload_audio(request: Request) -> Response:
 
 
 async def pump(request: Request, session: Session) -> bool:
-    """Read the body into the session until it ends, the client leaves, or the session stops
-    taking input (then at once: a client that declared more body than it sends must not keep
-    the answer waiting). Reads ``receive`` directly so each wait can carry the idle timeout.
-    Returns whether the whole body was read."""
-    complete = False
+    """Read the body into the session until it ends, the client leaves, the client sends nothing
+    for the idle timeout, or the session stops taking input (then at once: a client that
+    declared more body than it sends must not keep the answer waiting). Returns whether the
+    whole body was read."""
+    reader = _BodyReader(request, session)
     try:
         async with anyio.create_task_group() as tg:
 
@@ -52,37 +52,62 @@ async def pump(request: Request, session: Session) -> bool:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(stop_when_input_closes)
-            complete = await _read_body(request, session)
+            tg.start_soon(reader.watch_idle, tg.cancel_scope)
+            await reader.read()
             tg.cancel_scope.cancel()
+        if reader.idle:
+            idle = session.runtime.settings.idle_timeout_seconds
+            await session.fail_input(
+                StreamerError(
+                    ErrorCode.IDLE_TIMEOUT, f"no audio received for {idle:g} s; upload closed"
+                ),
+                EndReason.IDLE_TIMEOUT,
+            )
     finally:
         # Whatever happened (including cancellation), the session must not wait for more input.
         session.close_input(EndReason.CLIENT_DISCONNECTED)
-    return complete
+    return reader.complete
 
 
-async def _read_body(request: Request, session: Session) -> bool:
-    idle = session.runtime.settings.idle_timeout_seconds
-    receive = request.receive
-    try:
+class _BodyReader:
+    """Reads ``receive`` directly. The idle timeout is one watchdog task per upload that checks
+    the time of the last message, not a cancel scope around each read: a scope (and its timer)
+    per chunk is a measurable share of the event loop at hundreds of live streams."""
+
+    def __init__(self, request: Request, session: Session) -> None:
+        self.request = request
+        self.session = session
+        self.complete = False
+        self.idle = False
+        self.last = anyio.current_time()
+
+    async def watch_idle(self, scope: anyio.CancelScope) -> None:
+        timeout = self.session.runtime.settings.idle_timeout_seconds
         while True:
-            with anyio.move_on_after(idle) as scope:
+            remaining = self.last + timeout - anyio.current_time()
+            if remaining <= 0:
+                self.idle = True
+                scope.cancel()
+                return
+            await anyio.sleep(remaining)
+
+    async def read(self) -> None:
+        receive = self.request.receive
+        session = self.session
+        try:
+            while True:
                 message = await receive()
-            if scope.cancelled_caught:
-                await session.fail_input(
-                    StreamerError(
-                        ErrorCode.IDLE_TIMEOUT, f"no audio received for {idle:g} s; upload closed"
-                    ),
-                    EndReason.IDLE_TIMEOUT,
-                )
-                return False
-            if message["type"] == "http.disconnect":
-                session.close_input(EndReason.CLIENT_DISCONNECTED)
-                return True  # nothing more will arrive on this connection
-            body: bytes = message.get("body", b"")
-            if body:
-                await session.write(body)
-            if not message.get("more_body", False):
-                session.close_input(EndReason.COMPLETED)
-                return True
-    except InputClosed:
-        return False
+                self.last = anyio.current_time()
+                if message["type"] == "http.disconnect":
+                    session.close_input(EndReason.CLIENT_DISCONNECTED)
+                    self.complete = True  # nothing more will arrive on this connection
+                    return
+                body: bytes = message.get("body", b"")
+                if body:
+                    await session.write(body)
+                if not message.get("more_body", False):
+                    session.close_input(EndReason.COMPLETED)
+                    self.complete = True
+                    return
+        except InputClosed:
+            return

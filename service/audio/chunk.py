@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -35,3 +36,12 @@ class AudioChunk:
     @property
     def end(self) -> int:
         return self.start + self.frames
+
+
+class ChunkSink(Protocol):
+    """Where decoded chunks go: a memory object stream, or a stage that takes them directly
+    (:class:`service.vad.stage.VadStage`, one task hop fewer per chunk)."""
+
+    async def send(self, item: AudioChunk, /) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -16,9 +16,7 @@ import time
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 
-from anyio.streams.memory import MemoryObjectSendStream
-
-from service.audio.chunk import AudioChunk
+from service.audio.chunk import AudioChunk, ChunkSink
 from service.audio.container import decode_buffered, decode_streaming
 from service.audio.pcm import PcmDecoder, PcmLayout
 from service.audio.resample import ArrayResampler
@@ -42,7 +40,7 @@ class DecodeResult:
 async def decode(
     source: AsyncIterable[bytes],
     fmt: PcmFormat | None,
-    send: MemoryObjectSendStream[AudioChunk],
+    send: ChunkSink,
     *,
     on_chunk: Callable[[AudioChunk, float], None] | None = None,
 ) -> DecodeResult:
@@ -60,44 +58,51 @@ async def decode(
     ``on_chunk(chunk, busy_s)`` is called for each chunk sent, with the decoding work that
     produced it (for metrics: the decode stage's real-time factor).
     """
-    async with send:
-        src = ByteSource(source)
-        writer = ChunkWriter(send, on_chunk)
-        if fmt is not None:
-            layout = _raw_layout(fmt)
-            await _decode_pcm(src, layout, fmt.sample_rate, None, writer, "raw PCM")
-            if src.bytes_in == 0:
-                raise StreamerError(ErrorCode.EMPTY_AUDIO, "the upload contained no bytes")
-            return DecodeResult(
-                src.bytes_in, writer.samples_out, layout.channels, "raw", layout.codec
+    try:
+        return await _decode(source, fmt, send, on_chunk)
+    finally:
+        await send.aclose()
+
+
+async def _decode(
+    source: AsyncIterable[bytes],
+    fmt: PcmFormat | None,
+    send: ChunkSink,
+    on_chunk: Callable[[AudioChunk, float], None] | None,
+) -> DecodeResult:
+    src = ByteSource(source)
+    writer = ChunkWriter(send, on_chunk)
+    if fmt is not None:
+        layout = _raw_layout(fmt)
+        await _decode_pcm(src, layout, fmt.sample_rate, None, writer, "raw PCM")
+        if src.bytes_in == 0:
+            raise StreamerError(ErrorCode.EMPTY_AUDIO, "the upload contained no bytes")
+        return DecodeResult(src.bytes_in, writer.samples_out, layout.channels, "raw", layout.codec)
+
+    head = Head(src)
+    sniffed = await sniff(head)
+    if sniffed.kind is Kind.WAV:
+        header = await read_header(head)
+        if header.layout is not None:
+            src.push_back(head.rest())
+            await _decode_pcm(
+                src, header.layout, header.format.sample_rate, header.data_size, writer, "WAV"
             )
+            return DecodeResult(
+                src.bytes_in,
+                writer.samples_out,
+                header.layout.channels,
+                "wav",
+                header.layout.codec,
+            )
+        # A WAV codec numpy cannot do (mu-law, ADPCM, ...): FFmpeg reads it from byte 0.
 
-        head = Head(src)
-        sniffed = await sniff(head)
-        if sniffed.kind is Kind.WAV:
-            header = await read_header(head)
-            if header.layout is not None:
-                src.push_back(head.rest())
-                await _decode_pcm(
-                    src, header.layout, header.format.sample_rate, header.data_size, writer, "WAV"
-                )
-                return DecodeResult(
-                    src.bytes_in,
-                    writer.samples_out,
-                    header.layout.channels,
-                    "wav",
-                    header.layout.codec,
-                )
-            # A WAV codec numpy cannot do (mu-law, ADPCM, ...): FFmpeg reads it from byte 0.
-
-        replay = head.replay()
-        if sniffed.kind is Kind.MP4_MOOV_AT_END:
-            info = await decode_buffered(src, replay, sniffed, writer)
-        else:
-            info = await decode_streaming(src, replay, sniffed, writer)
-        return DecodeResult(
-            src.bytes_in, writer.samples_out, info.channels, info.container, info.codec
-        )
+    replay = head.replay()
+    if sniffed.kind is Kind.MP4_MOOV_AT_END:
+        info = await decode_buffered(src, replay, sniffed, writer)
+    else:
+        info = await decode_streaming(src, replay, sniffed, writer)
+    return DecodeResult(src.bytes_in, writer.samples_out, info.channels, info.container, info.codec)
 
 
 def _raw_layout(fmt: PcmFormat) -> PcmLayout:

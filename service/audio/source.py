@@ -10,6 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 
+from anyio import EndOfStream, WouldBlock
+from anyio.streams.memory import MemoryObjectReceiveStream
+
 from service.errors import ErrorCode, StreamerError
 
 # Upper bound on look-ahead kept for sniffing and header parsing: headers are small, and a
@@ -26,6 +29,11 @@ class ByteSource:
 
     def __init__(self, source: AsyncIterable[bytes]) -> None:
         self._it: AsyncIterator[bytes] = aiter(source)
+        # A memory object stream is read without a wait when it has a chunk ready (the usual
+        # case for a fast upload): ``receive`` always yields to the loop first.
+        self._stream: MemoryObjectReceiveStream[bytes] | None = (
+            source if isinstance(source, MemoryObjectReceiveStream) else None
+        )
         self._pushed: list[bytes] = []
         self._exhausted = False
         self.bytes_in = 0
@@ -39,14 +47,22 @@ class ByteSource:
             return None
         while True:
             try:
-                data = await anext(self._it)
-            except StopAsyncIteration:
+                data = await self._next()
+            except (StopAsyncIteration, EndOfStream):
                 self._exhausted = True
                 return None
             if data:
                 self.received_at = time.monotonic()
                 self.bytes_in += len(data)
                 return bytes(data)
+
+    async def _next(self) -> bytes:
+        if self._stream is not None:
+            try:
+                return self._stream.receive_nowait()
+            except WouldBlock:
+                return await self._stream.receive()
+        return await anext(self._it)
 
     def push_back(self, data: bytes) -> None:
         """Make ``data`` the next chunk :meth:`pull` returns (bytes already counted)."""

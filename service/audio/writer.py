@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from anyio.streams.memory import MemoryObjectSendStream
 
-from service.audio.chunk import AudioChunk, Samples
+from service.audio.chunk import AudioChunk, ChunkSink, Samples
 
 
 class ChunkWriter:
@@ -18,7 +17,7 @@ class ChunkWriter:
 
     def __init__(
         self,
-        send: MemoryObjectSendStream[AudioChunk],
+        send: ChunkSink,
         on_chunk: Callable[[AudioChunk, float], None] | None = None,
     ) -> None:
         self._send = send

@@ -122,6 +122,7 @@ class Metrics:
             buckets=RTF_BUCKETS,
             registry=r,
         )
+        self._rtf_children: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
 
         # Sessions.
         self.sessions_active = Gauge(
@@ -236,9 +237,19 @@ class Metrics:
     def observe_rtf(self, stage: str, media_s: float, processing_s: float) -> None:
         if media_s <= 0:
             return
-        self.media.labels(stage).observe(media_s)
-        self.processing.labels(stage).observe(processing_s)
-        self.rtf.labels(stage).observe(processing_s / media_s)
+        # Children resolved once per stage: ``labels()`` takes a lock and builds a key, and the
+        # decode stage observes every chunk of every live stream.
+        children = self._rtf_children.get(stage)
+        if children is None:
+            children = self._rtf_children[stage] = (
+                self.media.labels(stage),
+                self.processing.labels(stage),
+                self.rtf.labels(stage),
+            )
+        media, processing, rtf = children
+        media.observe(media_s)
+        processing.observe(processing_s)
+        rtf.observe(processing_s / media_s)
 
     def vad_batch(self, seconds: float, streams: int, frames: int) -> None:
         """:class:`VadBatcher`'s ``on_batch``: one batch's compute time over its stream-seconds."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from service.audio.chunk import AudioChunk
+from service.audio.chunk import AudioChunk, ChunkSink
 from service.audio.decoder import DecodeResult, decode
 from service.config import MODEL_SAMPLE_RATE, PcmFormat, SessionConfig, config_to_dict
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
@@ -26,7 +27,7 @@ from service.events.log import EventLog
 from service.events.types import End, Error, Event, Segment
 from service.model.simple import simple_stage
 from service.vad.speech import VadOutput
-from service.vad.stage import vad_stage
+from service.vad.stage import VadStage
 
 if TYPE_CHECKING:
     from service.runtime import Runtime
@@ -169,7 +170,12 @@ class Session:
         self.counters.bytes_in += len(data)
         self.runtime.observer.bytes_received(self, len(data))
         try:
-            await self._input.send(data)
+            try:
+                # Without waiting when there is room: ``send`` would first yield to the loop,
+                # a task switch per chunk that buys nothing here.
+                self._input.send_nowait(data)
+            except anyio.WouldBlock:
+                await self._input.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise InputClosed from None
 
@@ -204,13 +210,17 @@ class Session:
         try:
             with anyio.CancelScope() as self._scope:
                 async with anyio.create_task_group() as tg:
-                    audio_send, audio_recv = anyio.create_memory_object_stream[AudioChunk](8)
-                    # Simple mode needs an unbuffered hand-off so audio accumulates while the
-                    # model is busy (see model/simple.py).
-                    size = 16 if self.config.mode == "segmented" else 0
-                    speech_send, speech_recv = anyio.create_memory_object_stream[VadOutput](size)
-                    tg.start_soon(self._decode, receive, audio_send)
-                    tg.start_soon(self._segment, audio_recv, speech_send)
+                    if self.config.mode == "segmented":
+                        # Decoding feeds the VAD stage directly (no stream, no task between).
+                        speech_send, speech_recv = anyio.create_memory_object_stream[VadOutput](16)
+                        tg.start_soon(self._decode, receive, self._vad_stage(speech_send))
+                    else:
+                        # Simple mode needs an unbuffered hand-off so audio accumulates while
+                        # the model is busy (see model/simple.py).
+                        audio_send, audio_recv = anyio.create_memory_object_stream[AudioChunk](8)
+                        speech_send, speech_recv = anyio.create_memory_object_stream[VadOutput](0)
+                        tg.start_soon(self._decode, receive, audio_send)
+                        tg.start_soon(self._simple, audio_recv, speech_send)
                     tg.start_soon(self._model, speech_recv)
         except Exception as exc:  # a bug in a stage must end this session only
             log.exception("session pipeline failed", extra={"session_id": self.id})
@@ -223,14 +233,24 @@ class Session:
             with anyio.CancelScope(shield=True):
                 await self.finish()
 
-    async def _decode(
-        self, receive: MemoryObjectReceiveStream[bytes], send: MemoryObjectSendStream[AudioChunk]
-    ) -> None:
-        with self.runtime.observer.stage(self, "decode"):
+    def _vad_stage(self, send: MemoryObjectSendStream[VadOutput]) -> VadStage:
+        interval = self.config.interim_interval_ms / 1000 if self.config.interim_results else None
+        return VadStage(
+            send,
+            batcher=self.runtime.batcher,
+            params=self.config.vad,
+            interim_interval_s=interval,
+        )
+
+    async def _decode(self, receive: MemoryObjectReceiveStream[bytes], sink: ChunkSink) -> None:
+        observer = self.runtime.observer
+        # In segmented mode the VAD runs inside this task, so its span covers the same time.
+        vad = observer.stage(self, "vad") if isinstance(sink, VadStage) else nullcontext()
+        with observer.stage(self, "decode"), vad:
             async with receive:
                 try:
                     self.decode_result = await decode(
-                        receive, self.config.format, send, on_chunk=self._decoded
+                        receive, self.config.format, sink, on_chunk=self._decoded
                     )
                 except StreamerError as exc:
                     self.error = self.error or exc
@@ -245,23 +265,11 @@ class Session:
         self.counters.samples, self.counters.channels = chunk.end, chunk.channels
         self.runtime.observer.audio_decoded(self, chunk.frames, busy_s)
 
-    async def _segment(
+    async def _simple(
         self, audio: MemoryObjectReceiveStream[AudioChunk], send: MemoryObjectSendStream[VadOutput]
     ) -> None:
         with self.runtime.observer.stage(self, "vad"):
-            if self.config.mode == "simple":
-                await simple_stage(audio, send)
-            else:
-                interval = (
-                    self.config.interim_interval_ms / 1000 if self.config.interim_results else None
-                )
-                await vad_stage(
-                    audio,
-                    send,
-                    batcher=self.runtime.batcher,
-                    params=self.config.vad,
-                    interim_interval_s=interval,
-                )
+            await simple_stage(audio, send)
 
     async def _model(self, receive: MemoryObjectReceiveStream[VadOutput]) -> None:
         with self.runtime.observer.stage(self, "model"):

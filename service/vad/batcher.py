@@ -3,17 +3,21 @@
 Silero costs ~150-200 us per 512-sample frame at batch 1 but ~60 us per frame at batch 32, and a
 hop to a worker thread costs more than a frame (~680 us), so a session must neither run the model
 on the event loop nor hop to a thread per frame. Instead every session hands its frames to one
-:class:`VadBatcher` and awaits the probabilities; the batcher's loop takes everything pending at
-that moment and runs it in ONE worker-thread call, batching across sessions and channels.
+:class:`VadBatcher`; the batcher's loop takes everything pending at that moment and runs it in ONE
+worker-thread call, batching across sessions and channels.
+
+Two ways in: :meth:`VadBatcher.submit` (a callback, run on the event loop when the batch is done:
+no task wakes per request, which is what the session pipeline uses, since at hundreds of live
+streams each wake-up is a measurable share of the loop) and :meth:`VadBatcher.infer` (awaitable).
 
 Batching comes from load, not from added latency: with ``max_wait_s == 0`` the loop never waits
 for more work, it takes what is pending now; requests that arrive while a batch is in the thread
 form the next batch. ``max_wait_s > 0`` trades latency for bigger batches (until ``max_batch``
 rows are pending or the time is up).
 
-Memory stays bounded without a queue limit: a caller awaits its result before it can send more,
-so there is at most one pending request per live session (each of at most the frames of one
-audio chunk per channel).
+Memory stays bounded without a queue limit: a caller has at most one request pending or in
+flight at a time (it awaits, or waits for its callback, before it submits more), so there is at
+most one request per live session, of a bounded number of frames.
 """
 
 from __future__ import annotations
@@ -60,27 +64,34 @@ def run_requests(
     results = [np.empty(k, dtype=np.float32) for k in counts]
     order = sorted((j for j in range(len(flat)) if counts[j]), key=lambda j: -counts[j])
     if order:
-        frames = [flat[j][1] for j in order]
-        sorted_results = [results[j] for j in order]
+        # Every frame in one array, streams in sorted order; ``first[i]`` is stream i's first
+        # row. Step t then gathers its rows with one fancy index and scatters the
+        # probabilities with another: no Python loop per row per step, which matters beyond
+        # CPU: this thread holds the GIL during that Python, and the event loop waits for it.
+        sorted_counts = np.array([counts[j] for j in order])
+        first = np.concatenate([[0], np.cumsum(sorted_counts)[:-1]])
+        all_frames = np.concatenate([flat[j][1] for j in order])
+        all_probs = np.empty(len(all_frames), dtype=np.float32)
         streams = [flat[j][0] for j in order]
         state = np.concatenate([s.state for s in streams], axis=1)
         context = np.stack([s.context for s in streams])
         inputs = np.empty((min(max_batch, len(order)), CONTEXT + FRAME), dtype=np.float32)
         rows = len(order)
-        for t in range(counts[order[0]]):
-            while counts[order[rows - 1]] <= t:
+        for t in range(int(sorted_counts[0])):
+            while sorted_counts[rows - 1] <= t:
                 rows -= 1
             for a in range(0, rows, max_batch):
                 b = min(a + max_batch, rows)
+                index = first[a:b] + t
                 x = inputs[: b - a]
                 x[:, :CONTEXT] = context[a:b]
-                for i in range(a, b):
-                    x[i - a, CONTEXT:] = frames[i][t]
+                x[:, CONTEXT:] = all_frames[index]
                 probs, new_state = forward(session, x, np.ascontiguousarray(state[:, a:b]))
                 state[:, a:b] = new_state
                 context[a:b] = x[:, -CONTEXT:]
-                for i in range(a, b):
-                    sorted_results[i][t] = probs[i - a]
+                all_probs[index] = probs
+        for i, j in enumerate(order):
+            results[j] = all_probs[first[i] : first[i] + counts[j]]
         for i, stream in enumerate(streams):
             stream.state = state[:, i : i + 1].copy()
             stream.context = context[i].copy()
@@ -113,14 +124,24 @@ def _check(requests: Sequence[tuple[VadStream, Floats]]) -> list[StreamFrames]:
     return checked
 
 
+Done = Callable[[list[Floats] | None, BaseException | None], None]
+"""``done(result, error)``: exactly one of the two is not None. Runs on the event loop."""
+
+
 class _Request:
     __slots__ = ("done", "error", "items", "result")
 
-    def __init__(self, items: list[StreamFrames]) -> None:
+    def __init__(self, items: list[StreamFrames], done: Done) -> None:
         self.items = items
-        self.done = anyio.Event()
+        self.done = done
         self.result: list[Floats] | None = None
         self.error: BaseException | None = None
+
+    def finish(self) -> None:
+        try:
+            self.done(self.result, self.error)
+        except Exception:  # the caller's bug must not take the batcher (every session) down
+            log.exception("VAD result callback failed")
 
 
 class VadBatcher:
@@ -168,6 +189,24 @@ class VadBatcher:
         used on streams that are in an :meth:`infer` call at the same time."""
         return run_requests(self.session, [_check(requests)], self.max_batch)[0]
 
+    def submit(self, requests: Sequence[tuple[VadStream, Floats]], done: Done) -> None:
+        """Queue one caller's frames for the next batch; ``done(result, error)`` is called on
+        the event loop once that batch has run, ``result`` as :meth:`infer` returns it and
+        ``error`` a :class:`VadInferenceError`. Does not wait, so it needs :meth:`run` running
+        (:attr:`running`). The caller must not submit streams that are still in a request."""
+        if not self._running:
+            raise RuntimeError("the VAD batcher is not running")
+        items = _check(requests)
+        if not any(len(frames) for _, frames in items):
+            done([np.zeros(0, dtype=np.float32) for _ in items], None)
+            return
+        self._pending.append(_Request(items, done))
+        self._pending_rows += len(items)
+        # Wake the loop only when it can act on this now; a batch in flight wakes it when done
+        # anyway, and most requests arrive while one is (one wake-up per batch, not per request).
+        if self._in_flight < self.limiter.total_tokens or self.max_wait_s > 0:
+            self._notify()
+
     async def infer(self, requests: Sequence[tuple[VadStream, Floats]]) -> list[Floats]:
         """Probabilities for one session: for each ``(stream, frames (k, FRAME))`` an array
         ``(k,)``. Raises :class:`VadInferenceError` if the model failed on the batch.
@@ -188,21 +227,26 @@ class VadBatcher:
             except Exception as exc:
                 raise VadInferenceError(f"VAD inference failed: {exc!r}") from exc
             return groups[0]
-        request = _Request(items)
-        self._pending.append(request)
-        self._pending_rows += len(items)
-        self._notify()
+        finished = anyio.Event()
+        outcome: list[list[Floats] | BaseException] = []
+
+        def done(result: list[Floats] | None, error: BaseException | None) -> None:
+            outcome.append(error if error is not None else result)  # type: ignore[arg-type]
+            finished.set()
+
+        self.submit(items, done)
+        request = self._pending[-1]
         try:
-            await request.done.wait()
+            await finished.wait()
         except BaseException:
             if request in self._pending:  # not taken yet: nobody else will ever look at it
                 self._pending.remove(request)
                 self._pending_rows -= len(items)
             raise
-        if request.error is not None:
-            raise VadInferenceError(f"VAD inference failed: {request.error!r}") from request.error
-        assert request.result is not None
-        return request.result
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     async def run(self) -> None:
         """The batching loop; runs until cancelled. Sleeps on an event while there is no work
@@ -223,8 +267,8 @@ class VadBatcher:
             self._running = False
             pending, self._pending, self._pending_rows = self._pending, [], 0
             for request in pending:
-                request.error = RuntimeError("the VAD batcher stopped")
-                request.done.set()
+                request.error = VadInferenceError("the VAD batcher stopped")
+                request.finish()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -255,7 +299,8 @@ class VadBatcher:
         except Exception as exc:
             log.exception("VAD batch failed", extra={"requests": len(batch)})
             for request in batch:
-                request.error = exc
+                request.error = VadInferenceError(f"VAD inference failed: {exc!r}")
+                request.error.__cause__ = exc
         else:
             n_frames = sum(len(frames) for r in batch for _, frames in r.items)
             self.batches += 1
@@ -265,9 +310,9 @@ class VadBatcher:
             if self.on_batch is not None:
                 self.on_batch(seconds, sum(len(r.items) for r in batch), n_frames)
         finally:
-            for request in batch:
-                if request.result is None and request.error is None:
-                    request.error = RuntimeError("the VAD batcher stopped")
-                request.done.set()
             self._in_flight -= 1
             self._notify()
+            for request in batch:
+                if request.result is None and request.error is None:
+                    request.error = VadInferenceError("the VAD batcher stopped")
+                request.finish()

@@ -2,15 +2,24 @@
 
 Each chunk's channels are cut into 512-sample frames; what does not fill a frame is carried to
 the next chunk, and at the end of input the remainder is zero-padded to one frame and processed
-too (the seed dropped it). One :meth:`VadBatcher.infer` call per chunk covers every channel, so
-the model runs batched across channels and sessions and the stage never hops to a thread per
-frame.
+too (the seed dropped it).
+
+:class:`VadStage` is a chunk sink: the decoder hands it each chunk (``await stage.send(chunk)``)
+in its own task, with no stream or task in between. The frames go to the shared
+:class:`VadBatcher` with :meth:`~VadBatcher.submit`, and the segmenter runs in the batcher's
+completion callback on the event loop. So a live chunk costs no task wake-up of its own beyond
+the decoder's: at hundreds of streams x 10 chunks a second, every hop on the event loop counts.
+A session has at most one request in flight; frames that arrive meanwhile wait in the stage and
+go in the next batch together, and the decoder waits (backpressure) only when more than
+``max_queued_frames`` are waiting or the model stage is not keeping up.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
+import anyio
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -18,7 +27,7 @@ from service.audio.chunk import AudioChunk, Samples
 from service.config import MODEL_SAMPLE_RATE, VadParams
 from service.vad.batcher import VadBatcher
 from service.vad.segmenter import Segmenter
-from service.vad.silero import FRAME, VadStream
+from service.vad.silero import FRAME, Floats, VadStream
 from service.vad.speech import SpeechAudio, SpeechStarted, VadOutput
 
 
@@ -46,6 +55,247 @@ class _Channel:
         return audio[: k * FRAME].reshape(k, FRAME)
 
 
+class VadStage:
+    """Segment one session's audio. Outputs go to ``send`` in order per channel (and in frame
+    order across channels); :meth:`aclose` flushes every remainder, then closes ``send``.
+
+    With ``interim_interval_s``, while a channel is speaking, the utterance so far goes out as
+    ``SpeechAudio(is_final=False)`` each time that much audio has passed since the channel's
+    last emission (its speech start, or its previous interim): audio time, not wall time, so
+    a fast upload gets the same interims as a live stream.
+
+    With a batcher that is not running (unit tests, after shutdown) each chunk is run at once
+    with :meth:`VadBatcher.infer` instead.
+    """
+
+    def __init__(
+        self,
+        send: MemoryObjectSendStream[VadOutput],
+        *,
+        batcher: VadBatcher,
+        params: VadParams,
+        interim_interval_s: float | None,
+        max_queued_frames: int = 64,
+    ) -> None:
+        self._out = send
+        self._batcher = batcher
+        self._params = params
+        self._interval = (
+            None
+            if interim_interval_s is None
+            else max(1, round(interim_interval_s * MODEL_SAMPLE_RATE))
+        )
+        self._max_queued = max_queued_frames
+        self._channels: list[_Channel] = []
+        self._expected_start: int | None = None
+        self._received_at = 0.0
+        # Frames cut but not yet submitted, as (frames per channel, received_at, valid).
+        self._queued: list[_Frames] = []
+        self._queued_frames = 0
+        self._in_flight: list[_Frames] | None = None
+        # Outputs the model stage could not take at once, in order; sent by the next send().
+        self._outbox: deque[VadOutput] = deque()
+        self._out_closed = False
+        self._error: BaseException | None = None
+        self._changed: anyio.Event | None = None
+        self._closed = False
+        self.frames_run = 0
+
+    async def __aenter__(self) -> VadStage:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- the decoder's side --------------------------------------------------------------------
+
+    async def send(self, chunk: AudioChunk) -> None:
+        """Take one chunk. Returns at once unless the stage is behind (backpressure)."""
+        self._raise_if_failed()
+        if self._expected_start is None:
+            self._expected_start = chunk.start
+            self._channels = [
+                _Channel(self._params, ch, chunk.start) for ch in range(chunk.channels)
+            ]
+        if chunk.channels != len(self._channels):
+            raise ValueError(
+                f"channel count changed from {len(self._channels)} to {chunk.channels} mid-stream"
+            )
+        if chunk.start != self._expected_start:
+            raise ValueError(f"chunk starts at {chunk.start}, expected {self._expected_start}")
+        self._expected_start = chunk.end
+        self._received_at = chunk.received_at
+        samples = np.asarray(chunk.samples, dtype=np.float32)
+        frames = [c.take_frames(samples[i]) for i, c in enumerate(self._channels)]
+        if frames and len(frames[0]):
+            self._queue(_Frames(frames, chunk.received_at, None))
+        limit = self._max_queued if self._batcher.running else 0
+        while self._outbox or self._queued_frames > limit:
+            await self._advance()
+
+    async def aclose(self) -> None:
+        """End of input: run every queued frame and the zero-padded remainder, finish open
+        utterances, then close the output. Raises the model's error if a batch failed (the
+        output is closed all the same)."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._out:
+            while self._outbox or self._queued or self._in_flight is not None:
+                await self._advance()
+            channels = self._channels
+            if channels and len(channels[0].carry):
+                # Every channel has the same remainder length; pad it to one frame for the
+                # model, but only the real samples count as time and audio in the segmenter.
+                valid = len(channels[0].carry)
+                tails = []
+                for c in channels:
+                    tail = np.zeros((1, FRAME), dtype=np.float32)
+                    tail[0, :valid] = c.carry
+                    c.carry = np.zeros(0, dtype=np.float32)
+                    tails.append(tail)
+                self._queue(_Frames(tails, self._received_at, valid))
+                while self._outbox or self._queued or self._in_flight is not None:
+                    await self._advance()
+            for c in channels:
+                for output in c.segmenter.finish(self._received_at):
+                    await self._out.send(output)
+
+    def summary(self) -> VadSummary:
+        return VadSummary(
+            frames=self.frames_run,
+            utterances=tuple(c.segmenter.utterances for c in self._channels),
+            speech_seconds=sum(c.segmenter.speech_samples for c in self._channels)
+            / MODEL_SAMPLE_RATE,
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _queue(self, frames: _Frames) -> None:
+        self._queued.append(frames)
+        self._queued_frames += len(frames.frames[0])
+        self._submit()
+
+    def _submit(self) -> None:
+        """Hand everything queued to the batcher, if nothing of ours is in flight."""
+        if (
+            self._in_flight is not None
+            or not self._queued
+            or self._error is not None
+            or not self._batcher.running
+        ):
+            return
+        batch, self._queued, self._queued_frames = self._queued, [], 0
+        self._in_flight = batch
+        per_channel = (
+            [np.concatenate([b.frames[i] for b in batch]) for i in range(len(self._channels))]
+            if len(batch) > 1
+            else batch[0].frames
+        )
+        self._batcher.submit(
+            [(c.stream, f) for c, f in zip(self._channels, per_channel, strict=True)], self._done
+        )
+
+    async def _advance(self) -> None:
+        """Wait for one step of progress: the outbox sent, a batch done, or an inline run."""
+        self._raise_if_failed()
+        if self._outbox:
+            await self._out.send(self._outbox.popleft())
+            if not self._outbox:
+                self._submit()
+            return
+        if self._in_flight is None and self._queued and not self._batcher.running:
+            batch, self._queued, self._queued_frames = self._queued, [], 0
+            for frames in batch:
+                self._in_flight = [frames]
+                try:
+                    probs = await self._batcher.infer(
+                        [(c.stream, f) for c, f in zip(self._channels, frames.frames, strict=True)]
+                    )
+                except BaseException as exc:
+                    self._in_flight = None
+                    if isinstance(exc, Exception):
+                        self._error = exc
+                    raise
+                self._done(probs, None)
+            return
+        if self._in_flight is None and self._queued:
+            self._submit()  # the batcher started after this stage queued frames
+            if self._in_flight is None:
+                raise RuntimeError("the VAD stage cannot submit its frames")
+        self._changed = anyio.Event()
+        await self._changed.wait()
+
+    def _done(self, probs: list[Floats] | None, error: BaseException | None) -> None:
+        """The batcher's callback, on the event loop: run the segmenter over the results."""
+        batch, self._in_flight = self._in_flight, None
+        try:
+            if error is not None:
+                self._error = error
+            elif batch is not None and probs is not None:
+                self._segment(batch, probs)
+                if not self._outbox:
+                    self._submit()
+        except Exception as exc:  # a bug here must fail this session only
+            self._error = exc
+        if self._changed is not None:
+            self._changed.set()
+
+    def _segment(self, batch: list[_Frames], probs: list[Floats]) -> None:
+        interval = self._interval
+        offset = 0
+        for frames in batch:
+            at = frames.received_at
+            k = len(frames.frames[0])
+            for t in range(k):
+                for c, f, p in zip(self._channels, frames.frames, probs, strict=True):
+                    for output in c.segmenter.push(
+                        f[t], float(p[offset + t]), at, valid=frames.valid
+                    ):
+                        if isinstance(output, SpeechStarted):
+                            c.last_interim = c.segmenter.position
+                        self._emit(output)
+                    if (
+                        interval is not None
+                        and c.segmenter.speaking
+                        and c.segmenter.position - c.last_interim >= interval
+                    ):
+                        self._emit(_interim(c.segmenter, at))
+                        c.last_interim = c.segmenter.position
+            offset += k
+            self.frames_run += k * len(self._channels)
+
+    def _emit(self, output: VadOutput) -> None:
+        if self._out_closed:
+            return
+        if not self._outbox:
+            try:
+                self._out.send_nowait(output)
+                return
+            except anyio.WouldBlock:
+                pass
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._out_closed = True  # the session is being torn down
+                return
+        self._outbox.append(output)
+
+
+class _Frames:
+    """One chunk's whole frames, per channel ``(k, FRAME)``; ``valid`` real samples in the last
+    frame of a zero-padded tail."""
+
+    __slots__ = ("frames", "received_at", "valid")
+
+    def __init__(self, frames: list[Samples], received_at: float, valid: int | None) -> None:
+        self.frames = frames
+        self.received_at = received_at
+        self.valid = valid
+
+
 async def vad_stage(
     chunks: MemoryObjectReceiveStream[AudioChunk],
     send: MemoryObjectSendStream[VadOutput],
@@ -54,81 +304,13 @@ async def vad_stage(
     params: VadParams,
     interim_interval_s: float | None,
 ) -> VadSummary:
-    """Segment one session's audio. Outputs go out in order per channel (and in frame order
-    across channels); ``send`` is closed when the input ends, after every remainder is flushed.
-
-    With ``interim_interval_s``, while a channel is speaking, the utterance so far goes out as
-    ``SpeechAudio(is_final=False)`` each time that much audio has passed since the channel's
-    last emission (its speech start, or its previous interim): audio time, not wall time, so
-    a fast upload gets the same interims as a live stream.
-    """
-    interval = (
-        None
-        if interim_interval_s is None
-        else max(1, round(interim_interval_s * MODEL_SAMPLE_RATE))
-    )
-    channels: list[_Channel] = []
-    frames_run = 0
-    received_at = 0.0
-    expected_start: int | None = None
-
-    async def feed(frames: list[Samples], valid: int | None, at: float) -> None:
-        nonlocal frames_run
-        probs = await batcher.infer([(c.stream, f) for c, f in zip(channels, frames, strict=True)])
-        frames_run += sum(len(f) for f in frames)
-        for t in range(len(frames[0])):
-            for c, f, p in zip(channels, frames, probs, strict=True):
-                outputs = c.segmenter.push(f[t], float(p[t]), at, valid=valid)
-                for output in outputs:
-                    if isinstance(output, SpeechStarted):
-                        c.last_interim = c.segmenter.position
-                    await send.send(output)
-                if (
-                    interval is not None
-                    and c.segmenter.speaking
-                    and c.segmenter.position - c.last_interim >= interval
-                ):
-                    await send.send(_interim(c.segmenter, at))
-                    c.last_interim = c.segmenter.position
-
-    async with chunks, send:
+    """:class:`VadStage` fed from a stream: for tests and benchmarks that drive the stage alone.
+    ``send`` is closed when the input ends, after every remainder is flushed."""
+    stage = VadStage(send, batcher=batcher, params=params, interim_interval_s=interim_interval_s)
+    async with chunks, stage:
         async for chunk in chunks:
-            received_at = chunk.received_at
-            if expected_start is None:
-                expected_start = chunk.start
-                channels = [_Channel(params, ch, chunk.start) for ch in range(chunk.channels)]
-            if chunk.channels != len(channels):
-                raise ValueError(
-                    f"channel count changed from {len(channels)} to {chunk.channels} mid-stream"
-                )
-            if chunk.start != expected_start:
-                raise ValueError(f"chunk starts at {chunk.start}, expected {expected_start}")
-            expected_start = chunk.end
-            samples = np.asarray(chunk.samples, dtype=np.float32)
-            frames = [c.take_frames(samples[i]) for i, c in enumerate(channels)]
-            if frames and len(frames[0]):
-                await feed(frames, None, received_at)
-
-        if channels and len(channels[0].carry):
-            # Every channel has the same remainder length; pad it to one frame for the model,
-            # but only the real samples count as time and audio in the segmenter.
-            valid = len(channels[0].carry)
-            tails = []
-            for c in channels:
-                tail = np.zeros((1, FRAME), dtype=np.float32)
-                tail[0, :valid] = c.carry
-                c.carry = np.zeros(0, dtype=np.float32)
-                tails.append(tail)
-            await feed(tails, valid, received_at)
-        for c in channels:
-            for output in c.segmenter.finish(received_at):
-                await send.send(output)
-
-    return VadSummary(
-        frames=frames_run,
-        utterances=tuple(c.segmenter.utterances for c in channels),
-        speech_seconds=sum(c.segmenter.speech_samples for c in channels) / MODEL_SAMPLE_RATE,
-    )
+            await stage.send(chunk)
+    return stage.summary()
 
 
 def _interim(segmenter: Segmenter, received_at: float) -> SpeechAudio:

@@ -26,7 +26,8 @@ def test_early_answer_closes_the_connection(server: Server) -> None:
     declared = 2_000_000
     with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
         sock.sendall(
-            f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: {declared}\r\n\r\n".encode()
+            f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+            f"Content-Length: {declared}\r\n\r\n".encode()
         )
         sock.sendall(os.urandom(200_000))  # junk, and far less than declared
         deadline = time.monotonic() + 10

@@ -126,8 +126,10 @@ async def test_raw_pcm_by_query_parameters(
 @pytest.mark.parametrize(
     ("name", "config"),
     [
-        ("speech_f32le_48k.raw",
-         {"format": {"channels": 1, "sample_rate": 48000, "bit_depth": 32, "is_float": True}}),
+        (
+            "speech_f32le_48k.raw",
+            {"format": {"channels": 1, "sample_rate": 48000, "bit_depth": 32, "is_float": True}},
+        ),
         ("speech_44k_stereo.wav", None),
     ],
 )
@@ -139,7 +141,7 @@ async def test_resampled_sources_agree_and_keep_their_tail(
     upload, events = await run_session(server, DATA / name, config)
     assert upload.status_code == 200, upload.text
     assert upload.json()["audio_seconds"] == pytest.approx(1.35, abs=0.01)
-    (start, end), = spans(events)
+    ((start, end),) = spans(events)
     assert abs(start - reference[0][0]) <= 0.1
     assert end == pytest.approx(1.35, abs=0.01)
 

@@ -283,3 +283,31 @@ async def test_stopping_the_loop_fails_pending_requests(
             with pytest.raises(VadInferenceError):
                 await batcher.infer([(VadStream(), frames)])
     assert not batcher.running
+
+
+@pytest.mark.anyio
+async def test_a_raising_callback_does_not_stop_the_batcher(
+    onnx_session: ort.InferenceSession,
+) -> None:
+    """``submit`` callbacks run in the batcher's task: one caller's bug must not end batching
+    for every session."""
+    batcher = VadBatcher(onnx_session, limiter=anyio.CapacityLimiter(1))
+    frames = np.zeros((2, FRAME), np.float32)
+
+    def explode(result: Any, error: BaseException | None) -> None:
+        raise RuntimeError("a bug in a caller")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            await anyio.wait_all_tasks_blocked()
+            batcher.submit([(VadStream(), frames)], explode)
+            probs = await batcher.infer([(VadStream(), frames)])
+            assert len(probs[0]) == 2 and batcher.running
+            tg.cancel_scope.cancel()
+
+
+def test_submit_needs_the_running_loop(onnx_session: ort.InferenceSession) -> None:
+    batcher = VadBatcher(onnx_session, limiter=anyio.CapacityLimiter(1))
+    with pytest.raises(RuntimeError, match="not running"):
+        batcher.submit([(VadStream(), np.zeros((1, FRAME), np.float32))], lambda r, e: None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 
 import anyio
 import numpy as np
@@ -18,7 +19,7 @@ from service.config import VadParams
 from service.vad.batcher import VadBatcher, VadInferenceError
 from service.vad.silero import FRAME
 from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
-from service.vad.stage import VadSummary, vad_stage
+from service.vad.stage import VadStage, VadSummary, vad_stage
 from tests.vad.vad_helpers import ScriptedBatcher, check_protocol, chunks_of, finals, run_stage
 
 Audio = npt.NDArray[np.float32]
@@ -280,3 +281,99 @@ async def test_many_sessions_through_the_running_batcher_match_one_alone(
             tg.cancel_scope.cancel()
     assert results == [boundaries(alone)] * 12
     assert batcher.batches < calls / 2  # sessions shared batches
+
+
+@pytest.mark.anyio
+async def test_chunks_sent_while_a_batch_runs_go_together_and_send_does_not_wait(
+    speech: Audio, onnx_session: ort.InferenceSession
+) -> None:
+    """The decoder hands chunks to the stage without waiting for the model: while the session's
+    batch is in the VAD thread, later chunks queue in the stage and go in ONE next request;
+    the segments are those of the whole clip run alone."""
+    from tests.vad.test_vad_batcher import RecordingSession
+
+    alone, _ = await run_stage(
+        [AudioChunk(speech, 0, 0.0)], VadBatcher(onnx_session, limiter=anyio.CapacityLimiter(1))
+    )
+    recording = RecordingSession(onnx_session)
+    batcher = VadBatcher(recording, max_batch=64, limiter=anyio.CapacityLimiter(1))
+    chunks = chunks_of(speech, every(1600, speech.shape[1]))  # 100 ms each
+    out_send, out_recv = anyio.create_memory_object_stream[VadOutput](1000)
+    stage = VadStage(out_send, batcher=batcher, params=VadParams(), interim_interval_s=None)
+    gate = recording.gate = threading.Event()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            await anyio.wait_all_tasks_blocked()
+            await stage.send(chunks[0])  # 3 frames: the first request; it blocks in the thread
+            await anyio.to_thread.run_sync(recording.entered.wait)
+            for chunk in chunks[1:6]:  # 500 ms more: queued, and no wait
+                with anyio.fail_after(0.5):
+                    await stage.send(chunk)
+            assert stage._queued_frames == (6 * 1600) // FRAME - 3
+            gate.set()
+            async with stage:
+                for chunk in chunks[6:]:
+                    await stage.send(chunk)
+            tg.cancel_scope.cancel()
+    outputs = [o async for o in out_recv]
+    assert boundaries(outputs) == boundaries(alone)
+    check_protocol(outputs)
+    assert batcher.batches < len(chunks)  # queued chunks went in fewer requests
+
+
+@pytest.mark.anyio
+async def test_send_waits_once_too_many_frames_are_queued(
+    speech: Audio, onnx_session: ort.InferenceSession
+) -> None:
+    """Backpressure: a fast upload cannot queue more than ``max_queued_frames`` in the stage."""
+    from tests.vad.test_vad_batcher import RecordingSession
+
+    recording = RecordingSession(onnx_session)
+    batcher = VadBatcher(recording, limiter=anyio.CapacityLimiter(1))
+    out_send, _out_recv = anyio.create_memory_object_stream[VadOutput](1000)
+    stage = VadStage(
+        out_send,
+        batcher=batcher,
+        params=VadParams(),
+        interim_interval_s=None,
+        max_queued_frames=10,
+    )
+    recording.gate = threading.Event()
+    chunks = chunks_of(speech, every(FRAME * 4, speech.shape[1]))
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            await anyio.wait_all_tasks_blocked()
+            for chunk in chunks[:3]:  # 4 in flight, then 8 queued
+                await stage.send(chunk)
+            with anyio.move_on_after(0.3) as scope:
+                await stage.send(chunks[3])  # 12 queued > 10: waits for the batch
+            assert scope.cancelled_caught
+            recording.gate.set()
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_failing_batch_fails_the_stage_that_submitted_it(
+    speech: Audio, onnx_session: ort.InferenceSession
+) -> None:
+    from tests.vad.test_vad_batcher import RecordingSession
+
+    recording = RecordingSession(onnx_session)
+    recording.fail = True
+    batcher = VadBatcher(recording, limiter=anyio.CapacityLimiter(1))
+    out_send, out_recv = anyio.create_memory_object_stream[VadOutput](100)
+    stage = VadStage(out_send, batcher=batcher, params=VadParams(), interim_interval_s=None)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.run)
+            await anyio.wait_all_tasks_blocked()
+            await stage.send(AudioChunk(speech[:, :4000], 0, 0.0))
+            with pytest.raises(VadInferenceError):
+                await stage.aclose()
+            with pytest.raises(VadInferenceError):
+                await stage.send(AudioChunk(speech[:, 4000:5000], 4000, 0.0))
+            assert batcher.running  # the batcher itself goes on
+            tg.cancel_scope.cancel()
+    assert [o async for o in out_recv] == []
