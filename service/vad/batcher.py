@@ -228,10 +228,10 @@ class VadBatcher:
                 raise VadInferenceError(f"VAD inference failed: {exc!r}") from exc
             return groups[0]
         finished = anyio.Event()
-        outcome: list[list[Floats] | BaseException] = []
+        outcome: list[tuple[list[Floats] | None, BaseException | None]] = []
 
         def done(result: list[Floats] | None, error: BaseException | None) -> None:
-            outcome.append(error if error is not None else result)  # type: ignore[arg-type]
+            outcome.append((result, error))
             finished.set()
 
         self.submit(items, done)
@@ -243,9 +243,10 @@ class VadBatcher:
                 self._pending.remove(request)
                 self._pending_rows -= len(items)
             raise
-        result = outcome[0]
-        if isinstance(result, BaseException):
-            raise result
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        assert result is not None
         return result
 
     async def run(self) -> None:
