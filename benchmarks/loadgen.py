@@ -42,10 +42,7 @@ import json
 import math
 import os
 import resource
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import wave
 from collections.abc import AsyncIterator, Sequence
@@ -61,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import create_session, free_port, raise_fd_limit  # noqa: E402
+from benchmarks.common import Server, create_session, raise_fd_limit, start_server  # noqa: E402
 from service.client.sse import iter_sse  # noqa: E402
 from service.config import MODEL_SAMPLE_RATE, VadParams  # noqa: E402
 
@@ -189,56 +186,6 @@ def own_cpu_seconds() -> tuple[float, float]:
 
 def _minus(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
     return a[0] - b[0], a[1] - b[1]
-
-
-@dataclass
-class Spawned:
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def spawn_server(env: dict[str, str], timeout_s: float = 60.0) -> Spawned:
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "STREAMER_MODEL_OPTIONS": FAST_MODEL,
-        "STREAMER_LOG_LEVEL": "WARNING",
-        "STREAMER_MAX_SESSIONS": "100000",
-        **env,
-    }
-    full_env.pop("PORT", None)
-    log_path = Path(tempfile.mkstemp(prefix="loadgen-server-", suffix=".log")[1])
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port)],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    spawned = Spawned(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{spawned.url}/readyz", timeout=1.0).status_code == 200:
-                return spawned
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    spawned.stop()
-    sys.exit(f"the server was not ready in {timeout_s:g} s:\n{log_path.read_text()}")
 
 
 # -- one stream ---------------------------------------------------------------------------------
@@ -981,11 +928,14 @@ async def main_async(args: argparse.Namespace, url: str, server: Proc | None) ->
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     raise_fd_limit()
-    spawned: Spawned | None = None
+    spawned: Server | None = None
     url, pid = args.url.rstrip("/"), args.server_pid
     if args.spawn:
-        env = dict(item.split("=", 1) for item in args.env)
-        spawned = spawn_server(env)
+        # The test suite's fast model unless --env says otherwise (start_server's default is
+        # a free model).
+        env = {"STREAMER_MODEL_OPTIONS": FAST_MODEL}
+        env.update(item.split("=", 1) for item in args.env)
+        spawned = start_server(env)
         url, pid = spawned.url, spawned.process.pid
         print(f"spawned server pid {pid} at {url} (log {spawned.log_path})", file=sys.stderr)
     try:
