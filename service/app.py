@@ -3,6 +3,7 @@ session registry are created in the lifespan, from the settings passed in."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,7 +47,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        onnx = await anyio.to_thread.run_sync(load_session)
+        onnx = await anyio.to_thread.run_sync(
+            functools.partial(load_session, graph=settings.vad_graph)
+        )
         model = await anyio.to_thread.run_sync(load_model, settings.model, settings.model_options)
         runtime = Runtime(
             settings=settings,

@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from service.vad import dense
+
 SAMPLE_RATE = 16_000
 FRAME = 512  # samples per model step at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the previous frame the model sees before each new frame
@@ -47,20 +49,31 @@ def model_path() -> Path:
     raise FileNotFoundError(f"{MODEL_FILE} not found in the {DISTRIBUTION!r} distribution")
 
 
-def load_session(path: str | os.PathLike[str] | None = None) -> ort.InferenceSession:
-    """One CPU session for the whole process.
+GRAPHS = ("dense", "reference")
+
+
+def load_session(
+    path: str | os.PathLike[str] | None = None, *, graph: str = "dense"
+) -> ort.InferenceSession:
+    """One CPU session for the whole process, over ``silero_vad.onnx`` (or ``path``).
+
+    ``graph="dense"`` runs the file's 16 kHz weights as the batch-friendly graph of
+    :mod:`service.vad.dense` (~3.5x cheaper per row at batch 256, ~1.9x at batch 1, same
+    probabilities to ~1e-5); ``"reference"`` runs the file exactly as shipped. Both take the same
+    inputs and give the same outputs.
 
     One intra-op and one inter-op thread: the model is tiny, so more threads per run only add
     synchronisation; parallelism comes from batching streams and from the batcher's own threads.
     """
+    if graph not in GRAPHS:
+        raise ValueError(f"unknown VAD graph {graph!r}; expected one of {', '.join(GRAPHS)}")
+    data = Path(path if path is not None else model_path()).read_bytes()
+    if graph == "dense":
+        data = dense.build(dense.silero_weights(data))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        str(path if path is not None else model_path()),
-        sess_options=options,
-        providers=["CPUExecutionProvider"],
-    )
+    return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 class VadStream:
