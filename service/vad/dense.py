@@ -8,9 +8,12 @@ point of the VAD stage.
 
 What: the weights are read from the package's ``silero_vad.onnx`` (its 16 kHz branch), so the
 ONNX file stays the only source of the model. The graph computes exactly what the 16 kHz branch
-does, with the same interface: ``input`` ``[B, 576]``, ``state`` ``[2, B, 128]`` and ``sr`` ->
-``output`` ``[B, 1]`` and ``stateN``. ``sr`` is accepted so callers need not know which graph they
-run, and not read: this graph is the 16 kHz branch only, and our audio is always 16 kHz.
+does, for ``K`` consecutive frames of each of ``B`` streams in one run: ``input``
+``[B, K, 576]`` (each frame with the 64 samples before it), ``state`` ``[2, B, 128]`` and
+``lengths`` ``[B]`` int32 (stream ``b`` has ``lengths[b]`` frames, the rest is padding) ->
+``output`` ``[B, K]`` and ``stateN`` (each stream's state after its last frame). One run for all
+the frames of a batch means one release of the GIL by the VAD thread instead of one per frame
+step, and bigger matrix products:
 
 - STFT: reflection-pad 64 samples on the right, 4 windows of 256 with hop 128, a 258-filter
   projection (real and imaginary parts of 129 bins), magnitude. The 640 padded samples are 5
@@ -20,8 +23,8 @@ run, and not read: this graph is the 16 kHz branch only, and our audio is always
 - Encoder: four Conv1d(k=3, pad=1) + ReLU layers over 4 -> 4 -> 2 -> 1 -> 1 time steps. With so
   few steps each layer is a linear map of the flattened ``(time, channel)`` features, so it is
   one dense ``MatMul`` (zeros where the kernel does not reach) plus bias.
-- Decoder: one LSTM cell step (PyTorch gate order i, f, g, o) as one ``MatMul`` over
-  ``[x, h]``, then ReLU, the 1x1 conv and a sigmoid.
+- Encoder and head run on all ``B * K`` frames at once; only the LSTM is sequential: one ONNX
+  ``LSTM`` node over the ``K`` steps, with ``sequence_lens`` so padding never reaches a state.
 
 Only the order of float additions changes, so probabilities agree with the shipped graph to
 ~1e-5 (tested on speech, together with the segments the VAD finds).
@@ -78,6 +81,14 @@ def dense_conv(weight: Floats, steps_in: int, stride: int) -> Floats:
     return dense.reshape(steps_in * in_ch, steps_out * out_ch)
 
 
+def _axis(axis: int) -> bytes:
+    return pb.attribute_int("axis", axis)
+
+
+def _perm(*perm: int) -> bytes:
+    return pb.attribute_ints("perm", perm)
+
+
 def build(weights: dict[str, Floats]) -> bytes:
     """The serialized ONNX model (see the module docstring)."""
     basis = weights[_STFT][:, 0, :]  # [258, 256]: 129 real filters, then 129 imaginary
@@ -94,12 +105,13 @@ def build(weights: dict[str, Floats]) -> bytes:
         pb.tensor("flat_mag", np.array([-1, STEPS * BINS])),
         pb.tensor("zero", np.array([0])),
         pb.tensor("one", np.array([1])),
-        pb.tensor("split_gates", np.array([HIDDEN] * 4)),
+        pb.tensor("flat_frames", np.array([-1, SAMPLES])),
     ]
     nodes = [
+        pb.node("Reshape", ["input", "flat_frames"], ["frames"]),  # [B*K, 576]
         pb.node(
             "Pad",
-            ["input", "pad_right"],
+            ["frames", "pad_right"],
             ["padded"],
             attributes=[pb.attribute_str("mode", "reflect")],
         ),
@@ -135,54 +147,60 @@ def build(weights: dict[str, Floats]) -> bytes:
         ]
         steps, features = steps_out, f"enc{i}"
     assert steps == 1
-    w_ih, w_hh = weights[_LSTM.format("weight_ih")], weights[_LSTM.format("weight_hh")]
+    # ONNX's LSTM orders the gates i, o, f, c; PyTorch's cell i, f, g(=c), o.
+    order = [0, 3, 1, 2]
+
+    def gates(array: Floats) -> Floats:
+        return np.concatenate([np.split(array, 4)[g] for g in order])
+
     init += [
-        pb.tensor("lstm_w", np.concatenate([w_ih, w_hh], axis=1).T),  # [256, 512]
-        pb.tensor("lstm_b", weights[_LSTM.format("bias_ih")] + weights[_LSTM.format("bias_hh")]),
+        pb.tensor("lstm_w", gates(weights[_LSTM.format("weight_ih")])[None]),  # [1, 512, 128]
+        pb.tensor("lstm_r", gates(weights[_LSTM.format("weight_hh")])[None]),
+        pb.tensor(
+            "lstm_b",
+            np.concatenate(
+                [gates(weights[_LSTM.format("bias_ih")]), gates(weights[_LSTM.format("bias_hh")])]
+            )[None],
+        ),
         pb.tensor("head_w", weights[_HEAD.format("weight")][0]),  # [128, 1]
         pb.tensor("head_b", weights[_HEAD.format("bias")]),
+        pb.tensor("two", np.array([2])),
+        pb.tensor("hidden", np.array([HIDDEN])),
     ]
     nodes += [
-        pb.node("Gather", ["state", "zero"], ["h3"], attributes=[pb.attribute_int("axis", 0)]),
-        pb.node("Gather", ["state", "one"], ["c3"], attributes=[pb.attribute_int("axis", 0)]),
-        pb.node("Squeeze", ["h3", "zero"], ["h"]),
-        pb.node("Squeeze", ["c3", "zero"], ["c"]),
-        pb.node("Concat", [features, "h"], ["xh"], attributes=[pb.attribute_int("axis", 1)]),
-        pb.node("MatMul", ["xh", "lstm_w"], ["gates_mm"]),
-        pb.node("Add", ["gates_mm", "lstm_b"], ["gates"]),
+        # Back to [B, K, 128], then time-major for the LSTM: [K, B, 128].
+        pb.node("Shape", ["input"], ["input_shape"]),
+        pb.node("Slice", ["input_shape", "zero", "two"], ["batch_steps"]),
+        pb.node("Concat", ["batch_steps", "hidden"], ["seq_shape"], attributes=[_axis(0)]),
+        pb.node("Reshape", [features, "seq_shape"], ["encoded"]),
+        pb.node("Transpose", ["encoded"], ["sequence"], attributes=[_perm(1, 0, 2)]),
+        pb.node("Slice", ["state", "zero", "one"], ["h0"]),  # [1, B, 128]
+        pb.node("Slice", ["state", "one", "two"], ["c0"]),
         pb.node(
-            "Split",
-            ["gates", "split_gates"],
-            ["gate_i", "gate_f", "gate_g", "gate_o"],
-            attributes=[pb.attribute_int("axis", 1)],
+            "LSTM",
+            ["sequence", "lstm_w", "lstm_r", "lstm_b", "lengths", "h0", "c0"],
+            ["hs", "h_last", "c_last"],
+            attributes=[pb.attribute_int("hidden_size", HIDDEN)],
         ),
-        pb.node("Sigmoid", ["gate_i"], ["i"]),
-        pb.node("Sigmoid", ["gate_f"], ["f"]),
-        pb.node("Tanh", ["gate_g"], ["g"]),
-        pb.node("Sigmoid", ["gate_o"], ["o"]),
-        pb.node("Mul", ["f", "c"], ["fc"]),
-        pb.node("Mul", ["i", "g"], ["ig"]),
-        pb.node("Add", ["fc", "ig"], ["c_new"]),
-        pb.node("Tanh", ["c_new"], ["c_act"]),
-        pb.node("Mul", ["o", "c_act"], ["h_new"]),
-        pb.node("Relu", ["h_new"], ["h_relu"]),
-        pb.node("MatMul", ["h_relu", "head_w"], ["logit_mm"]),
+        pb.node("Squeeze", ["hs", "one"], ["hs3"]),  # [K, 1, B, 128] -> [K, B, 128]
+        pb.node("Relu", ["hs3"], ["h_relu"]),
+        pb.node("MatMul", ["h_relu", "head_w"], ["logit_mm"]),  # [K, B, 1]
         pb.node("Add", ["logit_mm", "head_b"], ["logit"]),
-        pb.node("Sigmoid", ["logit"], ["output"]),
-        pb.node("Unsqueeze", ["h_new", "zero"], ["h_out"]),
-        pb.node("Unsqueeze", ["c_new", "zero"], ["c_out"]),
-        pb.node("Concat", ["h_out", "c_out"], ["stateN"], attributes=[pb.attribute_int("axis", 0)]),
+        pb.node("Sigmoid", ["logit"], ["prob3"]),
+        pb.node("Squeeze", ["prob3", "two"], ["prob_kb"]),
+        pb.node("Transpose", ["prob_kb"], ["output"], attributes=[_perm(1, 0)]),  # [B, K]
+        pb.node("Concat", ["h_last", "c_last"], ["stateN"], attributes=[_axis(0)]),
     ]
     return pb.model(
         nodes=nodes,
         initializers=init,
         inputs=[
-            pb.value_info("input", ["batch", SAMPLES]),
+            pb.value_info("input", ["batch", "steps", SAMPLES]),
             pb.value_info("state", [2, "batch", HIDDEN]),
-            pb.value_info("sr", [], pb.INT64),
+            pb.value_info("lengths", ["batch"], pb.INT32),
         ],
         outputs=[
-            pb.value_info("output", ["batch", 1]),
+            pb.value_info("output", ["batch", "steps"]),
             pb.value_info("stateN", [2, "batch", HIDDEN]),
         ],
         name="silero_vad_v5_16k_dense",

@@ -26,8 +26,12 @@ TENSOR_NAME, TENSOR_RAW_DATA = 8, 9
 VALUE_NAME, VALUE_TYPE = 1, 2
 TYPE_TENSOR, TENSOR_ELEM_TYPE, TENSOR_SHAPE, SHAPE_DIM, DIM_VALUE, DIM_PARAM = 1, 1, 2, 1, 1, 2
 
-FLOAT, INT64 = 1, 7  # TensorProto.DataType
-_DTYPES: dict[int, np.dtype[np.generic]] = {FLOAT: np.dtype("<f4"), INT64: np.dtype("<i8")}
+FLOAT, INT32, INT64 = 1, 6, 7  # TensorProto.DataType
+_DTYPES: dict[int, np.dtype[np.generic]] = {
+    FLOAT: np.dtype("<f4"),
+    INT32: np.dtype("<i4"),
+    INT64: np.dtype("<i8"),
+}
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 

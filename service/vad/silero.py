@@ -14,6 +14,7 @@ same probabilities as B runs of one.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 from collections.abc import Sequence
@@ -59,8 +60,8 @@ def load_session(
 
     ``graph="dense"`` runs the file's 16 kHz weights as the batch-friendly graph of
     :mod:`service.vad.dense` (~3.5x cheaper per row at batch 256, ~1.9x at batch 1, same
-    probabilities to ~1e-5); ``"reference"`` runs the file exactly as shipped. Both take the same
-    inputs and give the same outputs.
+    probabilities to ~1e-5), which takes ``K`` frames per stream per run (:func:`forward_frames`);
+    ``"reference"`` runs the file exactly as shipped, one frame per run.
 
     One intra-op and one inter-op thread: the model is tiny, so more threads per run only add
     synchronisation; parallelism comes from batching streams and from the batcher's own threads.
@@ -94,17 +95,58 @@ class VadStream:
         self.context = np.zeros(CONTEXT, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def takes_sequences(session: ort.InferenceSession) -> bool:
+    """Whether ``session`` is the dense graph, which takes ``K`` frames per stream per call."""
+    return any(i.name == "lengths" for i in session.get_inputs())
+
+
+_SR = np.array(SAMPLE_RATE, dtype=np.int64)
+
+
 def forward(session: ort.InferenceSession, inputs: Floats, state: Floats) -> tuple[Floats, Floats]:
-    """One ``session.run``: ``inputs`` ``(B, CONTEXT + FRAME)``, ``state`` ``(2, B, 128)`` ->
+    """One step: ``inputs`` ``(B, CONTEXT + FRAME)``, ``state`` ``(2, B, 128)`` ->
     (probabilities ``(B,)``, new state ``(2, B, 128)``)."""
+    if takes_sequences(session):
+        lengths = np.ones(len(inputs), dtype=np.int32)
+        probs, new_state = forward_frames(session, inputs[:, None, :], state, lengths)
+        return probs[:, 0], new_state
     output, new_state = session.run(
-        ["output", "stateN"],
-        {"input": inputs, "state": state, "sr": np.array(SAMPLE_RATE, dtype=np.int64)},
+        ["output", "stateN"], {"input": inputs, "state": state, "sr": _SR}
     )
     return (
         np.asarray(output, dtype=np.float32).reshape(-1),
         np.asarray(new_state, dtype=np.float32),
     )
+
+
+def forward_frames(
+    session: ort.InferenceSession,
+    inputs: Floats,
+    state: Floats,
+    lengths: npt.NDArray[np.int32],
+) -> tuple[Floats, Floats]:
+    """``K`` steps of ``B`` streams: ``inputs`` ``(B, K, CONTEXT + FRAME)`` (each frame with its
+    own context), stream ``b`` has ``lengths[b]`` frames (1 to ``K``; the rest is padding) ->
+    (probabilities ``(B, K)``, state after each stream's last frame ``(2, B, 128)``).
+
+    The dense graph does it in one ``run``: one release of the GIL per batch rather than one per
+    step, which is what lets this thread keep up next to a busy event loop. The reference graph
+    runs step by step over the streams that still have frames (``lengths`` sorted descending
+    makes them a prefix)."""
+    if takes_sequences(session):
+        output, new_state = session.run(
+            ["output", "stateN"], {"input": inputs, "state": state, "lengths": lengths}
+        )
+        return np.asarray(output, dtype=np.float32), np.asarray(new_state, dtype=np.float32)
+    probs = np.zeros((*lengths.shape, inputs.shape[1]), dtype=np.float32)
+    state = state.copy()
+    for t in range(int(lengths.max(initial=0))):
+        rows = np.flatnonzero(lengths > t)
+        p, s = forward(session, inputs[rows, t], np.ascontiguousarray(state[:, rows]))
+        probs[rows, t] = p
+        state[:, rows] = s
+    return probs, state
 
 
 def step(session: ort.InferenceSession, streams: Sequence[VadStream], frames: Floats) -> Floats:

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from service.vad.batcher import VadBatcher, VadInferenceError, run_requests
-from service.vad.silero import FRAME, VadStream, step
+from service.vad.silero import FRAME, VadStream, load_session, step
 
 Clip = npt.NDArray[np.float32]
 
@@ -65,8 +65,11 @@ class RecordingSession:
             assert self.gate.wait(10)
         if self.fail:
             raise RuntimeError("model exploded")
-        self.sizes.append(len(feeds["input"]))
+        self.sizes.append(int(np.prod(feeds["input"].shape[:-1])))  # frames in this call
         return self.session.run(names, feeds)
+
+    def get_inputs(self) -> Any:
+        return self.session.get_inputs()
 
 
 def test_infer_sync_equals_one_by_one(onnx_session: ort.InferenceSession, speech: Clip) -> None:
@@ -85,8 +88,8 @@ def test_infer_sync_equals_one_by_one(onnx_session: ort.InferenceSession, speech
     assert max(e.max() for e in expected if len(e)) > 0.9
 
 
-def test_steps_take_the_streams_that_still_have_frames(onnx_session: ort.InferenceSession) -> None:
-    recording = RecordingSession(onnx_session)
+def test_reference_steps_take_the_streams_that_still_have_frames() -> None:
+    recording = RecordingSession(load_session(graph="reference"))
     frames = [np.zeros((k, FRAME), np.float32) for k in (3, 1, 2, 7, 7)]
     groups = [
         [(VadStream(), frames[0]), (VadStream(), frames[1])],
@@ -94,8 +97,21 @@ def test_steps_take_the_streams_that_still_have_frames(onnx_session: ort.Inferen
     ]
     out = run_requests(recording, groups, max_batch=2)
     assert [[len(p) for p in g] for g in out] == [[3, 1], [2, 7, 7]]
-    # step 0: 5 rows -> 2+2+1; step 1: 4 -> 2+2; step 2: 3 -> 2+1; steps 3..6: 2 rows.
-    assert recording.sizes == [2, 2, 1, 2, 2, 2, 1, 2, 2, 2, 2]
+    # One run per step over every stream that still has a frame.
+    assert recording.sizes == [5, 4, 3, 2, 2, 2, 2]
+
+
+def test_dense_calls_take_all_frames_of_several_streams(onnx_session: ort.InferenceSession) -> None:
+    """The dense graph runs every frame of a stream in one call: calls hold at most max_batch
+    frames (padding included), streams of similar length together, one stream at least."""
+    recording = RecordingSession(onnx_session)
+    counts = (3, 1, 2, 7, 7, 16, 8, 8)
+    streams = [VadStream() for _ in counts]
+    frames = [np.zeros((k, FRAME), np.float32) for k in counts]
+    out = run_requests(recording, [list(zip(streams, frames, strict=True))], max_batch=16)
+    assert [len(p) for p in out[0]] == list(counts)
+    # Longest first: 16 alone; 8+8 (16 frames); 7+7 (14); 3+2 padded to 3 (6); then 1.
+    assert recording.sizes == [16, 16, 14, 6, 1]
 
 
 def test_bad_requests_are_rejected(onnx_session: ort.InferenceSession) -> None:

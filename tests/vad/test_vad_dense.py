@@ -10,7 +10,15 @@ import pytest
 
 from service.vad import dense
 from service.vad.batcher import VadBatcher
-from service.vad.silero import FRAME, VadStream, load_session, model_path, step
+from service.vad.silero import (
+    CONTEXT,
+    FRAME,
+    VadStream,
+    forward_frames,
+    load_session,
+    model_path,
+    step,
+)
 from tests.vad.vad_helpers import chunks_of, finals, run_stage
 
 
@@ -64,13 +72,26 @@ async def test_same_segments_as_the_shipped_graph(
     assert segments[1] == segments[0]
 
 
-def test_interface_matches_the_shipped_graph(
-    reference: ort.InferenceSession, dense_session: ort.InferenceSession
+def test_ragged_sequences_in_one_call_equal_steps_of_the_shipped_graph(
+    reference: ort.InferenceSession,
+    dense_session: ort.InferenceSession,
+    speech: npt.NDArray[np.float32],
 ) -> None:
-    def signature(session: ort.InferenceSession) -> list[tuple[str, str]]:
-        return [(i.name, i.type) for i in [*session.get_inputs(), *session.get_outputs()]]
-
-    assert signature(dense_session) == signature(reference)
+    """The dense graph runs K frames of B streams in one call; streams shorter than K are
+    padded, and their probabilities and final states must not see the padding."""
+    rows, steps = 4, 50  # speech.wav holds 7.5 s: 4 x 50 x 32 ms
+    frames = speech[0, : rows * steps * FRAME].reshape(rows, steps, FRAME)
+    lengths = np.array([steps, steps - 5, 18, 1], dtype=np.int32)
+    inputs = np.zeros((rows, steps, CONTEXT + FRAME), dtype=np.float32)
+    inputs[:, :, CONTEXT:] = frames
+    inputs[:, 1:, :CONTEXT] = frames[:, :-1, -CONTEXT:]
+    state = np.zeros((2, rows, 128), dtype=np.float32)
+    got, got_state = forward_frames(dense_session, inputs, state, lengths)
+    for b, k in enumerate(lengths):
+        stream = VadStream()
+        want = np.array([step(reference, [stream], frames[b, t : t + 1])[0] for t in range(k)])
+        np.testing.assert_allclose(got[b, :k], want, atol=5e-5)
+        np.testing.assert_allclose(got_state[:, b], stream.state[:, 0], rtol=1e-3, atol=1e-3)
 
 
 def test_window_blocks_equal_reflection_padding() -> None:

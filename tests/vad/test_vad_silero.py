@@ -52,8 +52,10 @@ def test_session_is_single_threaded_cpu(onnx_session: ort.InferenceSession) -> N
 
 
 def test_explicit_path(tmp_path: Path) -> None:
-    session = load_session(model_path())
+    session = load_session(model_path(), graph="reference")
     assert [i.name for i in session.get_inputs()] == ["input", "state", "sr"]
+    session = load_session(model_path())  # the dense graph: K frames per stream per call
+    assert [i.name for i in session.get_inputs()] == ["input", "state", "lengths"]
     with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own exception type
         load_session(tmp_path / "missing.onnx")
 
