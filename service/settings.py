@@ -59,6 +59,8 @@ class Settings:
 
     # The interpreter's GIL switch interval (sys.setswitchinterval) set by `python -m service`.
     gil_switch_interval_ms: float = 1.0
+    # Young-generation threshold of the cyclic GC set by `python -m service` (0: Python's 700).
+    gc_gen0_threshold: int = 50_000
 
     log_level: str = "INFO"
     log_format: str = "json"  # or "text"; one JSON object per line carries session and trace ids
