@@ -124,10 +124,13 @@ async def test_session_span_tree_and_traceparent_header(
     kids = children(spans, session)
     assert sorted(k.name for k in kids) == ["decode", "model", "model", "model", "vad"]
     assert all(hex_trace(k) == trace_id for k in kids)
-    models = sorted((k for k in kids if k.name == "model"), key=lambda k: k.start_time or 0)
+    models = [k for k in kids if k.name == "model"]
     assert all((m.attributes or {})["streamer.model.is_final"] for m in models)
+    # One span per segment. Not in segment order by span start: a file uploaded at once reaches
+    # the VAD in a few large batches, so several segments end in one batch and their model calls
+    # start together, in whichever order the worker threads run.
     starts = [float((m.attributes or {})["streamer.model.start_time"]) for m in models]  # type: ignore[arg-type]
-    assert starts == sorted(starts)
+    assert len(set(starts)) == 3
     decode = next(k for k in kids if k.name == "decode")
     decode_attrs = decode.attributes or {}
     assert decode_attrs["streamer.audio.container"] == "wav"
