@@ -4,8 +4,11 @@
 
 The raw loop is the least work the job needs, in this process, one thread: PyAV decodes the
 file, ``av.AudioResampler`` makes 16 kHz mono float32, and onnxruntime runs Silero on 512-sample
-frames with the 64-sample context, batch 1 (the same ``InferenceSession`` options as the
-service). Its CPU is ``time.process_time()``.
+frames with the 64-sample context, batch 1, with the same graph and ``InferenceSession`` options
+as the server (``--vad-graph``, passed to the server as ``STREAMER_VAD_GRAPH``). The dense graph
+takes each second of decoded audio in one run (the server's VAD gets a second or more at a time
+when an upload is ahead of it); the reference graph runs one frame per run. Its CPU is
+``time.process_time()``.
 
 The server is ``python -m service`` in a subprocess with a free model (the dummy with delay 0,
 constant_factor 0, jitter 0) and logging at WARNING. Each upload creates a session, subscribes
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,42 +50,76 @@ from benchmarks.common import (
     sse_events,
     start_server,
 )
-from service.vad.silero import CONTEXT, FRAME, STATE_SIZE, load_session
+from service.vad.silero import (
+    CONTEXT,
+    FRAME,
+    GRAPHS,
+    STATE_SIZE,
+    forward,
+    forward_frames,
+    load_session,
+    takes_sequences,
+)
 
 TARGET = 1.10
+# The raw loop runs the VAD once per this much decoded audio (16 kHz samples).
+RAW_BATCH_SAMPLES = 16000
 
 
-def raw_loop(path: Path, session: object) -> tuple[int, float]:
+def raw_loop(path: Path, session: ort.InferenceSession) -> tuple[int, float]:
     """Decode + resample + Silero (batch 1) over the whole file; (samples at 16 kHz, max prob)."""
-    run = session.run  # type: ignore[attr-defined]
-    sr = np.array(16000, dtype=np.int64)
+    dense = takes_sequences(session)
     state = np.zeros((2, 1, STATE_SIZE), dtype=np.float32)
-    x = np.zeros((1, CONTEXT + FRAME), dtype=np.float32)
-    pending = np.zeros(0, dtype=np.float32)
-    samples = 0
+    context = np.zeros(CONTEXT, dtype=np.float32)
+    pending = np.zeros(0, dtype=np.float32)  # less than a frame, left by the last run
+    parts: list[np.ndarray] = []  # decoded since
+    samples = taken = 0  # decoded; of which joined into a run
     top = 0.0
 
     def frames(audio: np.ndarray) -> np.ndarray:
-        nonlocal state, top
-        n = len(audio) // FRAME * FRAME
-        for i in range(0, n, FRAME):
-            x[0, :CONTEXT] = x[0, -CONTEXT:]
-            x[0, CONTEXT:] = audio[i : i + FRAME]
-            out, state = run(["output", "stateN"], {"input": x, "state": state, "sr": sr})
-            top = max(top, float(out[0, 0]))
-        return audio[n:]
+        """Run every whole frame of ``audio`` (in one run with the dense graph); return the rest."""
+        nonlocal state, context, top
+        k = len(audio) // FRAME
+        if k == 0:
+            return audio
+        whole = audio[: k * FRAME].reshape(k, FRAME)
+        x = np.empty((1, k, CONTEXT + FRAME), dtype=np.float32)
+        x[0, 0, :CONTEXT] = context
+        x[0, 1:, :CONTEXT] = whole[:-1, -CONTEXT:]
+        x[0, :, CONTEXT:] = whole
+        context = whole[-1, -CONTEXT:].copy()
+        if dense:
+            probs, state = forward_frames(session, x, state, np.array([k], dtype=np.int32))
+            top = max(top, float(probs.max()))
+        else:
+            for i in range(k):
+                prob, state = forward(session, x[:, i], state)
+                top = max(top, float(prob[0]))
+        return audio[k * FRAME :]
+
+    def add(audio: np.ndarray) -> None:
+        nonlocal pending, samples
+        samples += len(audio)
+        parts.append(audio)
+        if samples - taken >= RAW_BATCH_SAMPLES:
+            pending = run()
+
+    def run() -> np.ndarray:
+        """The VAD over the last remainder and every part since; returns the new remainder."""
+        nonlocal taken
+        joined = np.concatenate([pending, *parts])
+        parts.clear()
+        taken = samples
+        return frames(joined)
 
     with av.open(str(path)) as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
         for frame in container.decode(audio=0):
             for f in resampler.resample(frame):
-                a = f.to_ndarray()[0]
-                samples += len(a)
-                pending = frames(np.concatenate([pending, a]) if len(pending) else a)
+                add(f.to_ndarray()[0])
         for f in resampler.resample(None):
-            a = f.to_ndarray()[0]
-            samples += len(a)
-            pending = frames(np.concatenate([pending, a]))
+            add(f.to_ndarray()[0])
+    pending = run()
     if len(pending):
         frames(np.concatenate([pending, np.zeros(FRAME - len(pending), np.float32)]))
     return samples, top
@@ -140,18 +178,20 @@ def main() -> None:
     p.add_argument("--uploads", type=int, default=3, help="uploads per server measurement")
     p.add_argument("--repeats", type=int, default=8, help="speech.wav copies (8: ~60 s)")
     p.add_argument("--formats", default="wav,webm")
+    p.add_argument("--vad-graph", choices=GRAPHS, default="dense")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
 
-    onnx = load_session()
+    onnx = load_session(graph=args.vad_graph)
     with tempfile.TemporaryDirectory() as tmp:
         files = long_audio(Path(tmp), args.repeats)
         short_dir = Path(tmp) / "short"
         short_dir.mkdir()
         shorts = long_audio(short_dir, 1)
-        env = dict(item.split("=", 1) for item in args.env)
+        env = {"STREAMER_VAD_GRAPH": args.vad_graph}
+        env.update(item.split("=", 1) for item in args.env)
         with start_server(env) as server:
-            print(f"machine: {machine()}; server pid {server.pid}")
+            print(f"machine: {machine()}; server pid {server.pid}; VAD graph {args.vad_graph}")
             results = {}
             for fmt in args.formats.split(","):
                 path = files[fmt]

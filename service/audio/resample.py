@@ -1,4 +1,5 @@
-"""Rate conversion to 16 kHz with FFmpeg's resampler (``av.AudioResampler``).
+"""Rate conversion to 16 kHz with FFmpeg's resampler (``av.AudioResampler`` or the same filter
+graph built here).
 
 Two shapes of input: planar numpy arrays from the PCM path (:class:`ArrayResampler`) and decoded
 ``av.AudioFrame`` objects from the container path (:class:`FrameResampler`). Both keep the channel
@@ -7,10 +8,15 @@ count: each channel is its own stream for the VAD later.
 
 from __future__ import annotations
 
+from typing import cast
+
 import av
+import av.error
+import av.filter
 import numpy as np
 from av.audio.frame import AudioFrame
 from av.audio.layout import AudioLayout
+from av.filter.context import FilterContext
 
 from service.audio.chunk import Samples
 from service.config import MODEL_SAMPLE_RATE
@@ -80,47 +86,100 @@ class ArrayResampler:
 class FrameResampler:
     """Decoded frames of any sample format and rate to planar float32 at 16 kHz.
 
+    Frames go in with :meth:`push` as they are decoded; :meth:`pull` returns what is ready, and
+    is meant to be called once per batch of frames rather than once per frame: each pull ends in
+    an EAGAIN that PyAV raises as an exception, and each call into FFmpeg releases and retakes
+    the GIL, a thread hand-off whenever another thread (the event loop, the VAD) is waiting for
+    it. Frames wait in the graph's input until then.
+
+    The filter graph (abuffer -> aformat -> abuffersink, FFmpeg inserting its aresample, as
+    ``av.AudioResampler`` builds it: the output is the same sample for sample) is built here to
+    give it one thread: with FFmpeg's automatic count every graph starts a thread per core, which
+    the resampler never uses.
+
     The channel count is fixed by the first frame; should a stream change its layout or rate
-    mid-way (chained Ogg, some AAC streams), the old resampler is flushed and a new one maps the
+    mid-way (chained Ogg, some AAC streams), the old graph is flushed and a new one maps the
     new input onto the original layout, so downstream sees one consistent shape.
     """
 
     def __init__(self) -> None:
-        self._resampler: av.AudioResampler | None = None
+        # The graph owns the filters: the contexts hold raw pointers into it (PyAV keeps only a
+        # weak reference from them), so it must stay referenced while they are used.
+        self._graph: av.filter.Graph | None = None
+        self._source: FilterContext | None = None
+        self._sink: FilterContext | None = None
         self._input: tuple[str, str, int] | None = None
         self._layout: AudioLayout | None = None
+        # Output of a graph already flushed (after an input change), ahead of the current one's.
+        self._ready: list[Samples] = []
         self.channels = 0
 
-    def process(self, frame: AudioFrame) -> list[Samples]:
+    def push(self, frame: AudioFrame) -> None:
         key = (frame.format.name, frame.layout.name, frame.sample_rate)
-        out: list[Samples] = []
-        if self._resampler is None or key != self._input:
-            if self._resampler is not None:
-                out.extend(self._drain(None))
+        if self._source is None or key != self._input:
+            if self._source is not None:
+                self._source.push(None)
+                self._ready.extend(self._drain())
             if self._layout is None:
                 self._layout = frame.layout
                 self.channels = frame.layout.nb_channels
-            self._resampler = av.AudioResampler(
-                format="fltp", layout=self._layout, rate=MODEL_SAMPLE_RATE
-            )
+            self._graph, self._source, self._sink = _graph(frame, self._layout)
             self._input = key
         # Timestamps do not matter here (output is contiguous by construction) and odd ones
         # from a damaged stream could make the resampler pad or drop audio.
         frame.pts = None
-        out.extend(self._drain(frame))
+        self._source.push(frame)
+
+    def pull(self) -> list[Samples]:
+        """Everything the frames pushed so far resample to (less the filter's short delay)."""
+        out = self._ready
+        self._ready = []
+        if self._sink is not None:
+            out.extend(self._drain())
         return out
 
     def flush(self) -> list[Samples]:
-        if self._resampler is None:
-            return []
-        out = self._drain(None)
-        self._resampler = None
+        """:meth:`pull` plus the resampler's delayed tail; call once at the end of the input."""
+        if self._source is not None:
+            self._source.push(None)
+        out = self.pull()
+        self._graph = self._source = self._sink = None
         self._input = None
         return out
 
-    def _drain(self, frame: AudioFrame | None) -> list[Samples]:
-        assert self._resampler is not None
-        return [
-            np.asarray(f.to_ndarray(), np.float32).reshape(self.channels, -1)
-            for f in self._resampler.resample(frame)
-        ]
+    def _drain(self) -> list[Samples]:
+        assert self._sink is not None
+        out: list[Samples] = []
+        while True:
+            try:
+                # An abuffersink yields audio frames (PyAV types pull() as any Frame).
+                frame = cast(AudioFrame, self._sink.pull())
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return out
+            out.append(np.asarray(frame.to_ndarray(), np.float32).reshape(self.channels, -1))
+
+
+def _graph(
+    frame: AudioFrame, layout: AudioLayout
+) -> tuple[av.filter.Graph, FilterContext, FilterContext]:
+    """A one-thread filter graph from ``frame``'s format to planar float32 16 kHz ``layout``;
+    the graph, its source and its sink."""
+    graph = av.filter.Graph()
+    graph.threads = 1  # must be set before any filter is added
+    source = graph.add(
+        "abuffer",
+        sample_rate=str(frame.sample_rate),
+        sample_fmt=frame.format.name,
+        channel_layout=frame.layout.name,
+    )
+    aformat = graph.add(
+        "aformat",
+        sample_rates=str(MODEL_SAMPLE_RATE),
+        sample_fmts="fltp",
+        channel_layouts=layout.name,
+    )
+    sink = graph.add("abuffersink")
+    source.link_to(aformat)
+    aformat.link_to(sink)
+    graph.configure()
+    return graph, source, sink

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from service.audio.chunk import AudioChunk
+from service.audio.container import BATCH_SAMPLES
 from service.audio.decoder import DecodeResult, decode
 from service.config import PcmFormat
 
@@ -123,3 +124,21 @@ async def test_moov_at_end_is_decoded_once_complete(data, decode_bytes) -> None:
     faststart = await decode_bytes(data("speech.m4a"), piece=1000)
     assert out.error is None and faststart.error is None
     assert np.array_equal(out.samples, faststart.samples)
+
+
+@pytest.mark.anyio
+async def test_a_backlog_goes_out_in_batches(data, decode_bytes) -> None:
+    """Audio decoded from bytes that are all there at once goes out in batches of about
+    BATCH_SAMPLES, not per codec frame nor all at the end; the same samples however it is cut."""
+    webm = data("speech.webm")  # 7.5 s
+    whole = await decode_bytes(webm, piece=len(webm))
+    trickled = await decode_bytes(webm, piece=64)
+    assert whole.error is None and trickled.error is None
+    whole.assert_contiguous()
+    sizes = [c.frames for c in whole.chunks]
+    # Full batches (overshooting by less than a codec frame), then what the end of the input
+    # finds, then possibly the resampler's few-sample tail.
+    assert BATCH_SAMPLES <= sizes[0] < BATCH_SAMPLES + 2000
+    assert max(sizes) == sizes[0]
+    assert len(sizes) <= -(-whole.frames // BATCH_SAMPLES) + 1
+    assert np.array_equal(whole.samples, trickled.samples)
