@@ -52,36 +52,34 @@ class _Plan:
     releases the GIL it waits for the loop to give it back (up to the switch interval), so
     numpy gathers and scatters there cost far more than their CPU."""
 
-    __slots__ = ("calls", "counts", "flat", "order")
+    __slots__ = ("calls", "counts", "flat")
 
     def __init__(self, flat: list[StreamFrames], max_batch: int | None) -> None:
         self.flat = flat
         self.counts = [len(frames) for _, frames in flat]
         # Longest first, so each call pads its streams to nearly the same length.
-        self.order = sorted((j for j in range(len(flat)) if self.counts[j]), key=self._longest)
+        counts = self.counts
+        order = sorted((j for j in range(len(flat)) if counts[j]), key=lambda j: -counts[j])
         self.calls: list[tuple[list[int], Floats, Floats, npt.NDArray[np.int32]]] = []
         if max_batch is None:  # one call, every stream
-            if self.order:
-                self.calls.append(self._call(self.order, self.counts[self.order[0]]))
+            if order:
+                self.calls.append(self._call(order, self.counts[order[0]]))
             return
         i = 0
-        while i < len(self.order):
-            steps = self.counts[self.order[i]]
+        while i < len(order):
+            steps = self.counts[order[i]]
             # At most max_batch frames per call (padding included; one stream at least), and
             # no stream shorter than half the longest, so padding stays under half the work.
-            rows = [self.order[i]]
+            rows = [order[i]]
             i += 1
             while (
-                i < len(self.order)
+                i < len(order)
                 and (len(rows) + 1) * steps <= max_batch
-                and 2 * self.counts[self.order[i]] > steps
+                and 2 * self.counts[order[i]] > steps
             ):
-                rows.append(self.order[i])
+                rows.append(order[i])
                 i += 1
             self.calls.append(self._call(rows, steps))
-
-    def _longest(self, j: int) -> int:
-        return -self.counts[j]
 
     def _call(
         self, rows: list[int], steps: int
