@@ -53,6 +53,10 @@ class Registry:
         # Sessions whose Session object lives here: all of them in memory, with a shared store
         # only those whose pipeline runs in this worker.
         self._sessions: dict[str, Session] = {}
+        # The sessions not yet seen ended, pruned when counted: the capacity check on every
+        # create then costs what is live, not everything kept for replay (which at a few
+        # sessions per second and the default retention is thousands).
+        self._unended: dict[str, Session] = {}
         self.accepting = True
 
     def __len__(self) -> int:
@@ -63,7 +67,10 @@ class Registry:
 
     @property
     def live(self) -> int:
-        return sum(1 for s in self._sessions.values() if s.state is not SessionState.ENDED)
+        ended = [sid for sid, s in self._unended.items() if s.state is SessionState.ENDED]
+        for sid in ended:
+            del self._unended[sid]
+        return len(self._unended)
 
     def _check_capacity(self) -> None:
         if not self.accepting:
@@ -83,10 +90,14 @@ class Registry:
             await self.store.create(session_id, config, summarize(Counters(), None))
             return session_id
         session = Session(session_id, config, self.store.log(session_id), self.runtime)
-        self._sessions[session_id] = session
-        self.runtime.observer.session_created(session)
+        self._add(session)
         self._tg.start_soon(self._watch, session)
         return session_id
+
+    def _add(self, session: Session) -> None:
+        self._sessions[session.id] = session
+        self._unended[session.id] = session
+        self.runtime.observer.session_created(session)
 
     def local(self, session_id: str) -> Session | None:
         """The session if it lives in this process; a malformed id is never found anywhere."""
@@ -117,8 +128,7 @@ class Registry:
         self._check_capacity()
         claim = await self.store.claim(session_id)
         session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)
-        self._sessions[session_id] = session
-        self.runtime.observer.session_created(session)
+        self._add(session)
         receive = session.open_input(fmt)
         # The times every worker reports, not this process's clock readings a moment later.
         session.created_at, session.started_at = claim.created_at, claim.started_at
@@ -168,6 +178,7 @@ class Registry:
         await session.done.wait()
         await anyio.sleep(settings.retention_seconds)
         self._sessions.pop(session.id, None)
+        self._unended.pop(session.id, None)
 
     async def _run_owned(self, session: Session, receive: MemoryObjectReceiveStream[bytes]) -> None:
         """A shared session's pipeline, with its lease kept alive beside it. Once it ends the
@@ -179,6 +190,7 @@ class Registry:
                 tg.cancel_scope.cancel()
         finally:
             self._sessions.pop(session.id, None)
+            self._unended.pop(session.id, None)
 
     async def _keep(self, session: Session) -> None:
         """The owner's heartbeat: renew the lease a few times per lease period, publish live
