@@ -19,11 +19,18 @@ It follows silero-rs ``VadSession`` (what the seed uses), on 512-sample frames:
 Positions are sample indices since the session's first sample. Only the audio that can still
 be needed is kept: while silent, the last ``pre_speech_pad`` samples; while speaking, the
 utterance so far (at most ``max_segment`` plus one frame).
+
+:meth:`Segmenter.skip` takes a run of frames at once where pushing them one by one would
+produce nothing: silence that opens no utterance, and confirmed speech before it ends or is
+cut. A fast upload hands the stage a second of frames or more per batch, and per-frame Python
+was then the largest share of the event loop (py-spy); the state after ``skip`` is exactly the
+state after pushing the same frames.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from service.audio.chunk import Samples
 from service.config import MODEL_SAMPLE_RATE, VadParams
@@ -64,6 +71,17 @@ class _AudioWindow:
             self._data, self._lo, self._hi = data, 0, kept
         self._data[self._hi : self._hi + n] = samples
         self._hi += n
+
+    def append_keeping(self, samples: Samples, keep_from: int) -> None:
+        """``append`` then ``drop_before(keep_from)``, copying only the samples kept."""
+        end = self.end
+        if keep_from >= end:  # nothing held now is kept: restart the window
+            skip = min(keep_from - end, len(samples))
+            self._lo = self._hi = 0
+            self.start = end + skip
+            samples = samples[skip:]
+        self.append(samples)
+        self.drop_before(keep_from)
 
     def drop_before(self, position: int) -> None:
         k = min(max(position - self.start, 0), self._hi - self._lo)
@@ -179,6 +197,60 @@ class Segmenter:
 
         self._trim()
         return out
+
+    def skip(
+        self, frames: Samples, probs: npt.NDArray[np.floating], until: int | None = None
+    ) -> int:
+        """Take the leading whole frames ``(k, FRAME)`` whose :meth:`push` would produce no
+        output, at once; returns how many were taken (the next frame must go to ``push``).
+        ``until``: take no frame that ends at or after this position (the caller has something
+        due there, such as an interim result)."""
+        k = len(frames)
+        if self._closed or k == 0 or (self._in_speech and not self._confirmed):
+            return 0  # a candidate is short (min_speech): frame by frame
+        p = self.params
+        # In float64, as push compares Python floats: a float32 comparison could differ at
+        # the threshold itself.
+        prob = np.asarray(probs[:k], dtype=np.float64)
+        silent = prob < p.negative_threshold
+        position = self._position
+        if not self._in_speech:
+            # Silence: everything before the first frame that opens a candidate.
+            opens = np.flatnonzero(prob > p.positive_threshold)
+            take = int(opens[0]) if len(opens) else k
+        else:
+            # Confirmed speech: everything before the frame that ends it (a silent run past
+            # redemption) or cuts it (max_segment).
+            run = self._silent_runs(silent)
+            ends = np.flatnonzero(run > self._redemption)
+            take = int(ends[0]) if len(ends) else k
+            cut = -(-(self._start + self._max_segment - position) // FRAME) - 1
+            take = min(take, max(cut, 0))
+        if until is not None:
+            take = min(take, max(0, -(-(until - position) // FRAME) - 1))
+        if take == 0:
+            return 0
+        n = take * FRAME
+        self._position = position + n
+        self._silent_run = int(self._silent_runs(silent[:take])[-1])
+        if self._in_speech:
+            self._speech_time += n
+            self._audio.append(frames[:take].reshape(-1))
+        else:
+            keep_from = max(self._position - self._pad, self._previous_end)
+            self._audio.append_keeping(frames[:take].reshape(-1), keep_from)
+        return take
+
+    def _silent_runs(self, silent: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+        """The silent run (samples) after each of these whole frames, as ``push`` counts it."""
+        index = np.arange(len(silent))
+        # The last frame at or before each one that was not silent (-1: none in this run).
+        last_loud = np.maximum.accumulate(np.where(silent, -1, index))
+        return np.where(
+            last_loud >= 0,
+            (index - last_loud) * FRAME,
+            self._silent_run + (index + 1) * FRAME,
+        )
 
     def finish(self, received_at: float) -> list[VadOutput]:
         """End of stream: an open confirmed utterance ends at the last real sample (the speaker

@@ -30,6 +30,10 @@ from service.vad.segmenter import Segmenter
 from service.vad.silero import FRAME, Floats, VadStream
 from service.vad.speech import SpeechAudio, SpeechStarted, VadOutput
 
+# Below this many frames in a batch (a live stream's chunk is a few), pushing frame by frame
+# is cheaper than the numpy calls that find a run to skip.
+SKIP_MIN_FRAMES = 8
+
 
 @dataclass(frozen=True, slots=True)
 class VadSummary:
@@ -246,28 +250,54 @@ class VadStage:
             self._changed.set()
 
     def _segment(self, batch: list[_Frames], probs: list[Floats]) -> None:
-        interval = self._interval
         offset = 0
         for frames in batch:
             at = frames.received_at
             k = len(frames.frames[0])
-            for t in range(k):
-                for c, f, p in zip(self._channels, frames.frames, probs, strict=True):
-                    for output in c.segmenter.push(
-                        f[t], float(p[offset + t]), at, valid=frames.valid
-                    ):
-                        if isinstance(output, SpeechStarted):
-                            c.last_interim = c.segmenter.position
-                        self._emit(output)
-                    if (
-                        interval is not None
-                        and c.segmenter.speaking
-                        and c.segmenter.position - c.last_interim >= interval
-                    ):
-                        self._emit(_interim(c.segmenter, at))
-                        c.last_interim = c.segmenter.position
+            if len(self._channels) == 1 and k >= SKIP_MIN_FRAMES:
+                self._segment_one(frames, probs[0][offset : offset + k])
+            else:
+                for t in range(k):
+                    for c, f, p in zip(self._channels, frames.frames, probs, strict=True):
+                        self._push(c, f[t], float(p[offset + t]), at, frames.valid)
             offset += k
             self.frames_run += k * len(self._channels)
+
+    def _segment_one(self, frames: _Frames, probs: Floats) -> None:
+        """One channel's frames, with the runs that produce nothing taken at once
+        (:meth:`Segmenter.skip`); the same outputs as pushing every frame."""
+        c = self._channels[0]
+        segmenter = c.segmenter
+        f = frames.frames[0]
+        at = frames.received_at
+        k = len(f)
+        whole = k if frames.valid is None else k - 1  # a padded tail goes to push
+        interval = self._interval
+        t = 0
+        while t < k:
+            if whole - t >= SKIP_MIN_FRAMES:
+                until = None
+                if interval is not None and segmenter.speaking:
+                    until = c.last_interim + interval
+                t += segmenter.skip(f[t:whole], probs[t:whole], until)
+                if t >= k:
+                    break
+            self._push(c, f[t], float(probs[t]), at, frames.valid if t == k - 1 else None)
+            t += 1
+
+    def _push(self, c: _Channel, frame: Samples, prob: float, at: float, valid: int | None) -> None:
+        for output in c.segmenter.push(frame, prob, at, valid=valid):
+            if isinstance(output, SpeechStarted):
+                c.last_interim = c.segmenter.position
+            self._emit(output)
+        interval = self._interval
+        if (
+            interval is not None
+            and c.segmenter.speaking
+            and c.segmenter.position - c.last_interim >= interval
+        ):
+            self._emit(_interim(c.segmenter, at))
+            c.last_interim = c.segmenter.position
 
     def _emit(self, output: VadOutput) -> None:
         if self._out_closed:

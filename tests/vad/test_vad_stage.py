@@ -377,3 +377,55 @@ async def test_a_failing_batch_fails_the_stage_that_submitted_it(
             assert batcher.running  # the batcher itself goes on
             tg.cancel_scope.cancel()
     assert [o async for o in out_recv] == []
+
+
+def _as_rows(outputs: list[VadOutput]) -> list[tuple[object, ...]]:
+    rows: list[tuple[object, ...]] = []
+    for o in outputs:
+        if isinstance(o, SpeechAudio):
+            rows.append((o.utterance, o.start, o.end, o.is_final, o.received_at, o.audio.tobytes()))
+        else:
+            rows.append((type(o).__name__, o.utterance, o.received_at))
+    return rows
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    runs=st.lists(
+        st.tuples(st.sampled_from([0.05, 0.35, 0.4, 0.5, 0.9]), st.integers(1, 40)),
+        min_size=1,
+        max_size=12,
+    ),
+    chunk_frames=st.sampled_from([9, 16, 31, 64]),
+    tail=st.integers(0, FRAME - 1),
+    redemption=st.sampled_from([0, 100, 600]),
+    max_segment=st.sampled_from([1000, 3000]),
+    interim=st.sampled_from([None, 0.1, 0.25]),
+)
+def test_skipping_runs_of_frames_changes_no_output(
+    runs: list[tuple[float, int]],
+    chunk_frames: int,
+    tail: int,
+    redemption: int,
+    max_segment: int,
+    interim: float | None,
+) -> None:
+    """The stage takes a big batch's silence and steady speech with ``Segmenter.skip`` rather
+    than frame by frame; every output (positions, audio, received_at, interims) must be exactly
+    what pushing each frame gives. Probabilities 0.35 and 0.5 sit on the thresholds."""
+    script = [p for p, n in runs for _ in range(n)]
+    audio = (np.arange(len(script) * FRAME + tail) / 2**24).astype(np.float32)[None, :]
+    params = VadParams(redemption_ms=redemption, max_segment_ms=max_segment, min_speech_ms=90)
+    cuts = every(chunk_frames * FRAME, audio.shape[1])
+
+    def run(skip_min: int) -> list[VadOutput]:
+        batcher = ScriptedBatcher(lambda _s, t: script[t] if t < len(script) else 0.05)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("service.vad.stage.SKIP_MIN_FRAMES", skip_min)
+            outputs, _ = anyio.run(
+                lambda: run_stage(chunks_of(audio, cuts), batcher, params, interim)
+            )
+        return outputs
+
+    skipped, pushed = run(8), run(10**9)
+    assert _as_rows(skipped) == _as_rows(pushed)
