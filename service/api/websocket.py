@@ -13,6 +13,8 @@ How a connection ends:
 - stop with ``disconnect`` / ``CloseStream``: the input ends, every result is sent, close 1000.
 - a fatal error (unsupported format, capacity, a session that failed decoding, idle timeout,
   shutdown): an ``error`` event, the results so far, then the error's close code.
+- the client stops reading (a send blocked past the send timeout): dropped like a client that
+  left; a close 1008 ``not_reading`` is queued for it, and what it still sends is discarded.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class Connection:
         self.current: Session | None = None  # the session taking audio now
         self.closing = False
         self.gone = False  # the client left: nothing can be sent any more
+        self.dropped = False  # ... because a send to it blocked past the send timeout
         self._close: tuple[int, str] = (NORMAL_CLOSURE, "")
         self._outbox, self._outbox_out = anyio.create_memory_object_stream[_Outgoing](OUTBOX_SIZE)
         self._tg: TaskGroup | None = None
@@ -128,6 +131,8 @@ class Connection:
             # However the connection ends (even cancelled by the server), no session may be
             # left waiting for input that will never come.
             self._flush(EndReason.CLIENT_DISCONNECTED)
+        if self.dropped:
+            await self._close_dropped()
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -141,7 +146,13 @@ class Connection:
                 await self._idle_timeout(idle)
                 continue
             if message["type"] == "websocket.disconnect":
+                self.dropped = False  # it left: nothing more to wait for
                 self._client_gone()
+                return
+            if self.gone:
+                # Dropped by the sender (it stopped reading): take nothing more in. A message
+                # already queued is returned without a checkpoint, so the cancellation would
+                # come too late: it could open a session the client is never told about.
                 return
             if self.closing:
                 continue  # nothing the client says now changes what it gets
@@ -200,7 +211,10 @@ class Connection:
                 return
         # InputClosed: the session stopped taking audio by itself (bad data, a limit, DELETE,
         # shutdown). The sender closes the connection once it has delivered its results.
-        with contextlib.suppress(InputClosed):
+        # Shielded: a write waits while the pipeline is behind, and cancelled there (the sender
+        # dropping a client that stopped reading) the chunk would be counted as received and
+        # never processed. The wait is bounded: the pipeline takes it or closes its input.
+        with contextlib.suppress(InputClosed), anyio.CancelScope(shield=True):
             await self.current.write(data)
 
     async def _open(self) -> None:
@@ -274,11 +288,30 @@ class Connection:
         self._begin_close(error.ws_close, error.code.value)
 
     def _client_gone(self) -> None:
-        """Nothing can reach the client any more; sessions drain into their logs regardless."""
+        """Nothing can reach the client any more; sessions drain into their logs regardless.
+
+        The current session's input is ended by ``run`` once the receiver has stopped: ended
+        here, from the sender, it would withdraw the chunk the receiver may be writing."""
         self.gone = True
-        self._flush(EndReason.CLIENT_DISCONNECTED)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
+
+    async def _close_dropped(self) -> None:
+        """After dropping a client that stopped reading: queue a close frame (it gets it if it
+        ever reads again), and discard what it still sends until it leaves or stays silent for
+        the idle timeout. Returning at once would leave the server's reader of this socket
+        waiting, with the client's next messages, for an application that is gone: the
+        connection would outlive the client until the server stops."""
+        async with anyio.create_task_group() as tg:
+            # Blocks while the client does not read; cancelled once it has left.
+            tg.start_soon(self.ws.close, POLICY_VIOLATION, "not_reading")
+            idle = self.settings.idle_timeout_seconds
+            while True:
+                with anyio.move_on_after(idle) as scope:
+                    message = await self.ws.receive()
+                if scope.cancelled_caught or message["type"] == "websocket.disconnect":
+                    break
+            tg.cancel_scope.cancel()
 
     async def _watch_shutdown(self) -> None:
         await self.ws.app.state.shutdown_event.wait()
@@ -360,6 +393,7 @@ class Connection:
                 self._client_gone()
         if scope.cancelled_caught:
             log.warning("websocket client stopped reading; dropping the connection")
+            self.dropped = True
             self._client_gone()
 
 

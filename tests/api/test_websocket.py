@@ -1,13 +1,16 @@
 """The WebSocket routes over a real connection (the `websockets` client) against the running
 server: the seed's exact protocol, stop/restart cycles, Deepgram-style control messages, every
-error path, and the results of a client that leaves staying readable on SSE."""
+error path, the results of a client that leaves staying readable on SSE, and clients that stop
+reading (over a socket whose receive window really closes)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import time
 import wave
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import DATA, Server, start_server, stop_server
-from tests.sse_client import read_all
+from tests.sse_client import SseEvent, iter_sse, read_all
 
 pytestmark = pytest.mark.anyio
 
@@ -655,3 +658,304 @@ async def test_shutdown_closes_1001_after_the_results(tmp_path: Path) -> None:
     (session,) = split_sessions(messages)
     assert session[-1]["reason"] == "shutdown"
     assert_utterances(session)
+
+
+# -- a client that stops reading ---------------------------------------------------------------
+#
+# A real slow reader: a `websockets` client on a socket with a 4 KiB receive buffer (set before
+# connecting, so the advertised window stays that small), whose library stops reading the socket
+# once one message waits (max_queue=1). When the test stops calling recv(), the TCP window closes
+# and the server's writes block for real. To get there the server must owe more than the kernel
+# buffers on its side (its send buffer autotunes up to tcp_wmem's maximum): every ECHO message is
+# answered with an `invalid_message` error that quotes its 60 kB value.
+
+SEND_TIMEOUT = 2.0  # STREAMER_SSE_SEND_TIMEOUT_SECONDS of slow_reader_server
+ECHO = json.dumps({"request": "x" * 60_000})
+SILENCE = bytes(32000)  # 1 s: speech.wav's last utterance ends inside the audio, not at a flush
+DROPPED = "websocket client stopped reading; dropping the connection"
+NOT_READING = "websocket client does not read its messages; closing"
+
+
+def flood_count() -> int:
+    """ECHO messages whose answers are more than the kernel can hold for a stalled reader."""
+    try:
+        wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        wmem_max = 4 * 1024 * 1024
+    return (wmem_max + 2 * 1024 * 1024) // 60_000 + 1
+
+
+@asynccontextmanager
+async def stalled_client(server: Server, path: str = "/v1/ws") -> AsyncIterator[ClientConnection]:
+    """A client that reads only when the test calls recv(). No compression: deflated, the 60 kB
+    answers are a hundred bytes and nothing would block. No pings: hypercorn's pong would wait
+    behind the stuck send, and its reading of the socket with it. It leaves by aborting: no
+    closing handshake with a server that may be stuck writing to it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    ws = await connect(
+        ws_url(server, path),
+        sock=sock,
+        max_queue=1,
+        compression=None,
+        ping_interval=None,
+        open_timeout=10,
+        close_timeout=2,
+    )
+    try:
+        yield ws
+    finally:
+        ws.transport.abort()
+        with anyio.move_on_after(2):
+            await ws.wait_closed()
+
+
+@pytest.fixture(scope="module")
+def slow_reader_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(
+        tmp_path_factory.mktemp("slow-reader"),
+        env={"STREAMER_SSE_SEND_TIMEOUT_SECONDS": str(SEND_TIMEOUT)},
+    )
+    yield s
+    stop_server(s)
+
+
+async def session_status(client: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = (await client.get(f"/v1/sessions/{session_id}")).json()
+    return data
+
+
+async def wait_status(
+    client: httpx.AsyncClient, session_id: str, done: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Poll the session's status (the server is another process) until ``done``."""
+    while True:
+        status = await session_status(client, session_id)
+        if done(status):
+            return status
+        await anyio.sleep(0.02)
+
+
+async def stall(ws: ClientConnection, client: httpx.AsyncClient, session_id: str) -> int:
+    """Make the server owe more than can be buffered; return once it has taken every message, so
+    that its send to this client (which reads nothing) is blocked."""
+    n = flood_count()
+    for _ in range(n):
+        await ws.send(ECHO)
+    await wait_status(client, session_id, lambda s: s["errors"] >= n)
+    return n
+
+
+async def start_stalled(ws: ClientConnection) -> dict[str, Any]:
+    """Start a session; its `started` frame is the last message the client reads."""
+    await ws.send(json.dumps({"request": "start", "format": MONO16}))
+    started = await recv_json(ws)
+    assert started["type"] == "started"
+    return started
+
+
+async def test_stalled_reader_is_dropped_after_the_send_timeout_while_others_go_on(
+    slow_reader_server: Server,
+) -> None:
+    """A client that stops reading while the server owes it megabytes: the server's send blocks,
+    and after STREAMER_SSE_SEND_TIMEOUT_SECONDS (not before) the connection is dropped and its
+    session ends (`client_disconnected`). Meanwhile another session on another connection runs
+    start to finish normally."""
+    server = slow_reader_server
+    drops = server.log().count(DROPPED)
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        with anyio.fail_after(20):
+            async with stalled_client(server) as slow:
+                started = await start_stalled(slow)
+                stopped_reading = time.time()
+                session_id = started["session_id"]
+                n = await stall(slow, client, session_id)
+                flooded = time.time()
+
+                assert (await client.get("/healthz")).status_code == 200
+                async with ws_connect(server, "/v1/ws") as other:
+                    await other.send(json.dumps({"request": "start", "format": MONO16}))
+                    await send_all(other, PCM)
+                    await other.send(json.dumps({"type": "CloseStream"}))
+                    messages = await read_until_closed(other)
+                    assert other.close_code == 1000
+                status = await session_status(client, session_id)
+                assert status["state"] == "running", "the stuck connection went before its timeout"
+                assert server.log().count(DROPPED) == drops
+
+                ended = await wait_status(client, session_id, lambda s: s["state"] == "ended")
+                assert server.log().count(DROPPED) == drops + 1
+                # Dropped, not only slow: reading again, the client gets what was already on its
+                # way, never its session's `end` (logged after the drop), then the close.
+                rest = await read_until_closed(slow)
+                assert slow.close_code == 1008 and slow.close_reason == "not_reading"
+    (other_session,) = split_sessions(messages)
+    assert other_session[-1]["reason"] == "completed"
+    assert_utterances(other_session)
+
+    assert ended["end_reason"] == "client_disconnected"
+    assert ended["ended_at"] - stopped_reading >= SEND_TIMEOUT
+    assert ended["ended_at"] - flooded < SEND_TIMEOUT + 2
+    assert 0 < len(rest) < n
+    assert {(m["type"], m["code"]) for m in rest} == {("error", "invalid_message")}
+
+
+async def test_audio_received_before_the_drop_is_processed_and_on_sse(
+    slow_reader_server: Server,
+) -> None:
+    """What a dropped reader is guaranteed: every byte the server received is decoded, segmented
+    and sent to the model; the results, then `end {reason: "client_disconnected"}`, are in the
+    session's log, readable on SSE by the id its `started` frame gave."""
+    server = slow_reader_server
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        with anyio.fail_after(20):
+            async with stalled_client(server) as slow:
+                started = await start_stalled(slow)
+                await send_all(slow, PCM)
+                await wait_received(client, started["session_id"], len(PCM))
+                n = await stall(slow, client, started["session_id"])
+                await wait_status(client, started["session_id"], lambda s: s["state"] == "ended")
+            logged = await read_all(client, started["events_url"])
+    assert [e.id for e in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1].event == "end"
+    end = logged[-1].data
+    assert end["reason"] == "client_disconnected"
+    assert end["bytes"] == len(PCM)
+    assert end["audio_seconds"] == pytest.approx(SAMPLES / 16000, abs=0.001)
+    assert end["segments"] == 3
+    events = [e.data for e in logged]
+    assert_utterances([m for m in events if m["type"] != "error"])
+    errors = [m for m in events if m["type"] == "error"]
+    assert len(errors) == n and {e["code"] for e in errors} == {"invalid_message"}
+
+
+async def test_stalled_reader_never_stalls_receiving(slow_reader_server: Server) -> None:
+    """With the server's send to the client blocked (it owes megabytes to a client that reads
+    nothing), audio the client sends still goes into the pipeline: every byte is taken and every
+    utterance is segmented and sent to the model before the send timeout drops the connection."""
+    server = slow_reader_server
+    audio = PCM + SILENCE
+    drops = server.log().count(DROPPED)
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        with anyio.fail_after(20):
+            async with stalled_client(server) as slow:
+                started = await start_stalled(slow)
+                session_id = started["session_id"]
+                await stall(slow, client, session_id)
+                await send_all(slow, audio)
+                while_stuck = await wait_status(client, session_id, lambda s: s["segments"] == 3)
+                # Still the same stuck connection: the results did not wait for the drop.
+                assert server.log().count(DROPPED) == drops
+                assert while_stuck["state"] == "running" and while_stuck["bytes"] == len(audio)
+                # The results are in the log, behind the megabytes the client has not read.
+                seen: list[SseEvent] = []
+                async with client.stream("GET", started["events_url"]) as response:
+                    async for event in iter_sse(response):
+                        seen.append(event)
+                        if len(finals([e.data for e in seen])) == 3:
+                            break
+                assert server.log().count(DROPPED) == drops
+                ended = await wait_status(client, session_id, lambda s: s["state"] == "ended")
+            logged = await read_all(client, started["events_url"])
+    assert server.log().count(DROPPED) == drops + 1
+    assert ended["end_reason"] == "client_disconnected"
+    end = logged[-1].data
+    assert end["type"] == "end" and end["bytes"] == len(audio)
+    assert end["audio_seconds"] == pytest.approx(len(audio) / 32000, abs=0.001)
+    results = [e.data for e in logged if e.event != "error"]
+    assert_utterances(results)
+    assert [e.data for e in seen if e.event != "error"] == results[:-1]  # all but `end`
+
+
+async def test_flood_behind_a_stalled_send_closes_1008_not_reading(
+    slow_reader_server: Server,
+) -> None:
+    """Over 256 messages queued for a client whose send is stuck (answers of its own flood, with
+    no session running): the server stops taking its input and, once the client reads again
+    (before the send timeout), delivers what it had queued and closes with 1008 `not_reading`."""
+    server = slow_reader_server
+    flagged = server.log().count(NOT_READING)
+    n, small = flood_count(), 300
+    with anyio.fail_after(20):
+        async with stalled_client(server) as slow:
+            for _ in range(n):
+                await slow.send(ECHO)  # the server's send gets stuck behind these answers
+            for _ in range(small):
+                await slow.send("{")  # each answered with a small `invalid_json` frame
+            while server.log().count(NOT_READING) == flagged:
+                await anyio.sleep(0.02)
+            messages = await read_until_closed(slow)
+            assert slow.close_code == 1008 and slow.close_reason == "not_reading"
+    assert {m["type"] for m in messages} == {"error"}
+    assert all(m["channel"] is None for m in messages)
+    codes = [m["code"] for m in messages]
+    big = codes.count("invalid_message")
+    answered = codes.count("invalid_json")
+    assert codes == ["invalid_message"] * big + ["invalid_json"] * answered
+    # Everything queued before the bound was delivered; the flood past it was not answered.
+    assert big == n and 0 < answered < small
+
+
+def sessions_created(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("streamer_sessions_created_total "):
+            return float(line.split()[1])
+    raise AssertionError("no streamer_sessions_created_total in /metrics")
+
+
+async def test_regression_drop_while_the_pipeline_is_behind_loses_no_audio(
+    tmp_path: Path,
+) -> None:
+    """Regression, three things broke when the send timeout dropped a client that was still
+    sending audio faster than the pipeline took it:
+    - the sender ended the session's input under the receiver's pending write: that chunk was
+      counted as received (`bytes`) but never decoded;
+    - audio frames already queued in the server were taken, before the cancellation arrived, as
+      the start of a new session the client was never told about;
+    - the handler returned with client messages still coming: hypercorn's reader of the socket
+      then waited forever to hand over the next one, so the connection outlived the client and
+      held the server's shutdown for its whole grace period (10 s)."""
+    server = start_server(
+        tmp_path,
+        env={
+            "STREAMER_SSE_SEND_TIMEOUT_SECONDS": "1",
+            # One model call at a time, 0.1 s each: audio sent at full speed is soon waiting.
+            "STREAMER_MODEL_OPTIONS": '{"delay": 0.1, "constant_factor": 0.0, "jitter": 0.0}',
+            "STREAMER_MODEL_IN_FLIGHT_PER_SESSION": "1",
+        },
+    )
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            before = sessions_created((await client.get("/metrics")).text)
+            with anyio.fail_after(30):
+                async with stalled_client(server) as slow:
+                    started = await start_stalled(slow)
+                    session_id = started["session_id"]
+                    await stall(slow, client, session_id)
+                    # Audio as fast as the client can send: the receiver waits in its writes, and
+                    # the client in its own sends, when the send timeout drops the connection.
+                    async with anyio.create_task_group() as tg:
+
+                        async def stream() -> None:
+                            while True:
+                                await send_all(slow, PCM, 16000)
+
+                        tg.start_soon(stream)
+                        while DROPPED not in server.log():
+                            await anyio.sleep(0.02)
+                        tg.cancel_scope.cancel()
+                    ended = await wait_status(client, session_id, lambda s: s["state"] == "ended")
+            after = sessions_created((await client.get("/metrics")).text)
+    finally:
+        stopping = time.monotonic()
+        stop_server(server)
+        stopped_in = time.monotonic() - stopping
+    assert DROPPED in server.log()
+    assert ended["end_reason"] == "client_disconnected"
+    assert ended["bytes"] > len(PCM)
+    # Every byte counted as received was decoded (s16le mono: 32000 bytes a second).
+    assert ended["audio_seconds"] == pytest.approx(ended["bytes"] / 32000, abs=0.001)
+    assert after - before == 1, "a session was opened after the drop"
+    assert stopped_in < 5, "the dropped client's connection held the shutdown"
