@@ -22,10 +22,11 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from service.config import PcmFormat, SessionConfig, config_to_dict
+from service.config import PcmFormat, SessionConfig
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.log import EventLog
 from service.runtime import Runtime
+from service.session.leases import LeaseKeeper
 from service.session.session import (
     Counters,
     EndReason,
@@ -58,6 +59,8 @@ class Registry:
         # sessions per second and the default retention is thousands).
         self._unended: dict[str, Session] = {}
         self.accepting = True
+        # Shared store only: the leases of the sessions whose pipelines run here.
+        self._leases = LeaseKeeper(self.store, runtime.settings.redis_lease_seconds, task_group)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -126,13 +129,16 @@ class Registry:
             return session
         self.local(session_id)  # rejects a malformed id before asking the store
         self._check_capacity()
+        claimed_at = time.monotonic()  # the lease is at least this fresh
         claim = await self.store.claim(session_id)
         session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)
         self._add(session)
         receive = session.open_input(fmt)
         # The times every worker reports, not this process's clock readings a moment later.
         session.created_at, session.started_at = claim.created_at, claim.started_at
-        self._tg.start_soon(self._run_owned, session, receive, name=f"session {session.id}")
+        self._tg.start_soon(
+            self._run_owned, session, receive, claimed_at, name=f"session {session.id}"
+        )
         return session
 
     async def status(self, session_id: str) -> dict[str, Any]:
@@ -180,57 +186,19 @@ class Registry:
         self._sessions.pop(session.id, None)
         self._unended.pop(session.id, None)
 
-    async def _run_owned(self, session: Session, receive: MemoryObjectReceiveStream[bytes]) -> None:
-        """A shared session's pipeline, with its lease kept alive beside it. Once it ends the
-        store holds everything, so the Session object goes at once."""
+    async def _run_owned(
+        self, session: Session, receive: MemoryObjectReceiveStream[bytes], claimed_at: float
+    ) -> None:
+        """A shared session's pipeline. Its lease is kept by the worker's one lease keeper, with
+        those of every other session running here. Once it ends the store holds everything, so
+        the Session object goes at once."""
+        self._leases.add(session, claimed_at)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep, session)
-                await session.run(receive)
-                tg.cancel_scope.cancel()
+            await session.run(receive)
         finally:
+            self._leases.discard(session.id)
             self._sessions.pop(session.id, None)
             self._unended.pop(session.id, None)
-
-    async def _keep(self, session: Session) -> None:
-        """The owner's heartbeat: renew the lease a few times per lease period, publish live
-        counters for status on other workers, and take cancel requests made there."""
-        lease = self.runtime.settings.redis_lease_seconds
-        interval = lease / 3
-        last_renewed = time.monotonic()
-        while True:
-            try:
-                owned = await self.store.renew(
-                    session.id, config_to_dict(session.config), session.summary()
-                )
-                if session.state is SessionState.ENDED:
-                    return  # its end is written (or failed on its own): nothing left to keep
-                if not owned:
-                    session.store_failed(
-                        StoreUnavailable(
-                            "this worker lost the session: another worker declared it lost "
-                            f"after {lease:g} s without a lease renewal"
-                        )
-                    )
-                    return
-                last_renewed = time.monotonic()
-                if await self.store.wait_cancel(session.id, interval):
-                    session.cancel(EndReason.CANCELLED)
-            except StoreUnavailable as exc:
-                if session.state is SessionState.ENDED:
-                    return
-                if time.monotonic() - last_renewed > lease:
-                    # Other workers may already consider it lost: stop producing into the void.
-                    session.store_failed(exc)
-                    return
-                log.warning("lease renewal failed; retrying", extra={"session_id": session.id})
-                await anyio.sleep(min(interval, 0.5))
-            except Exception:
-                # A bug here must end this session only, as a bug in a pipeline stage does.
-                log.exception("lease keeper failed", extra={"session_id": session.id})
-                session.error = session.error or StreamerError(ErrorCode.INTERNAL, "internal error")
-                session.cancel(EndReason.ERROR)
-                return
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop taking sessions, let live ones drain what they received, cancel the rest."""

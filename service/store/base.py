@@ -15,8 +15,9 @@ The store speaks in session ids, JSON-able dicts and logs; it never sees a ``Ses
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from service.config import SessionConfig
@@ -30,6 +31,23 @@ class Claim:
     config: SessionConfig
     created_at: float
     started_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """One session in the owner's periodic renewal of all its leases."""
+
+    session_id: str
+    summary: Mapping[str, Any]  # live counters, for status on other workers
+    config: Mapping[str, Any] | None = None  # None: unchanged since its last renewal
+
+
+class Lease(StrEnum):
+    """What a renewal found for one session."""
+
+    HELD = "held"  # renewed: this worker still owns it
+    CANCEL = "cancel"  # renewed, and a cancel was requested on another worker
+    LOST = "lost"  # no longer this worker's (another worker declared it lost), or ended
 
 
 class SessionStore(Protocol):
@@ -69,15 +87,16 @@ class SessionStore(Protocol):
         """A log to follow; raises ``session_not_found`` for an unknown session."""
         ...
 
-    async def renew(
-        self, session_id: str, config: Mapping[str, Any], summary: Mapping[str, Any]
-    ) -> bool:
-        """The owner's heartbeat: extend the lease, publish live counters. False once this
-        worker no longer owns the session (another worker declared it lost)."""
+    async def renew(self, sessions: Sequence[Renewal]) -> dict[str, Lease]:
+        """The owner's heartbeat for all of its sessions at once: extend their leases and
+        publish their live counters, in as few round trips as the store can (one per several
+        hundred sessions for Redis). A session missing from the answer was not renewed this
+        time (its own command failed); raises ``StoreUnavailable`` if none could be."""
         ...
 
-    async def wait_cancel(self, session_id: str, seconds: float) -> bool:
-        """Wait up to ``seconds`` for a cancel request made on another worker."""
+    async def wait_cancels(self, seconds: float) -> list[str]:
+        """Wait up to ``seconds`` for cancel requests, made on other workers, for sessions this
+        worker owns; returns their ids (empty when none came). One waiter per worker."""
         ...
 
     async def ping(self) -> None:

@@ -13,7 +13,11 @@ Keys of a session (``P`` is the prefix, ``ID`` the session id):
 - ``P:{ID}:events`` stream: entry ``0-N`` is event N (fields ``t`` type, ``d`` JSON data).
 - ``P:{ID}:lease`` string with a TTL: while created, the start deadline; while running, the
   owner's lease, refreshed by the owner. Its absence means nobody will write any more.
-- ``P:{ID}:cancel`` list: a DELETE on another worker pushes here; the owner blocks on it.
+
+Keys of a worker (``W`` its worker id), one per worker however many sessions it runs:
+- ``P:worker:{W}:cancels`` list of session ids: a DELETE on another worker sets the session's
+  ``cancel_requested`` (``CANCEL``) and then pushes the id here; the owner's one cancel task
+  blocks on it. Should the push be lost, the owner's next renewal sees the flag (``RENEW``).
 """
 
 from __future__ import annotations
@@ -75,28 +79,29 @@ return {'ok', h[2], h[3]}
 
 # KEYS: session, lease, events
 # ARGV: 1 worker id, 2 lease ms, 3 key TTL ms, 4 summary JSON, 5 config JSON ("": unchanged)
-# Returns 1, or 0 when this worker no longer owns a running session.
+# Returns 1 (renewed), 2 (renewed, and a cancel was requested: the backstop for a lost push to
+# the owner's cancel list), or 0 when this worker no longer owns a running session. The owner
+# sends one of these per session, all of its sessions in one pipeline.
 RENEW = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner', 'cancel_requested')
 if h[1] ~= 'running' or h[2] ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'summary', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'config', ARGV[5]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
+if h[3] == '1' then return 2 end
 return 1
 """
 
-# KEYS: session, cancel
-# ARGV: 1 TTL ms of the cancel list
-# Signals the owner of a running session; returns the state (or "missing").
+# KEYS: session
+# Marks a running session for cancelling; returns {state, owner} (state "missing" for an unknown
+# session). The caller then pushes the id to the owner's cancel list: a key of another hash tag,
+# so not from inside this script (which would break on a Redis Cluster).
 CANCEL = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'missing' end
-if state == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-  redis.call('RPUSH', KEYS[2], '1')
-  redis.call('PEXPIRE', KEYS[2], ARGV[1])
-end
-return state
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+local state = h[1]
+if not state then return {'missing', ''} end
+if state == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return {state, h[2] or ''}
 """

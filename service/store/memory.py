@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,7 +19,7 @@ import anyio
 from service.config import SessionConfig
 from service.errors import ErrorCode, StreamerError
 from service.events.log import EventLog, MemoryEventLog
-from service.store.base import Claim, SessionStore
+from service.store.base import Claim, Lease, Renewal, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,12 @@ class MemoryStore:
     async def reader(self, session_id: str) -> EventLog:
         _not_found()
 
-    async def renew(
-        self, session_id: str, config: Mapping[str, Any], summary: Mapping[str, Any]
-    ) -> bool:
-        return True
+    async def renew(self, sessions: Sequence[Renewal]) -> dict[str, Lease]:
+        return {r.session_id: Lease.HELD for r in sessions}  # nobody else could take them
 
-    async def wait_cancel(self, session_id: str, seconds: float) -> bool:
+    async def wait_cancels(self, seconds: float) -> list[str]:
         await anyio.sleep(seconds)  # a cancel here is a direct call on the Session
-        return False
+        return []
 
     async def ping(self) -> None:
         pass

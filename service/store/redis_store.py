@@ -5,9 +5,15 @@
 - Event N is stream entry ``0-N``: the SSE ``id:`` is the stream position, so ``Last-Event-ID``
   resumes with one XREAD on whichever worker the client reconnects to.
 - The worker that receives the audio claims the session and runs the pipeline; it renews a lease
-  while it runs. Readers block on XREAD for at most ``redis_poll_seconds`` at a time and then
-  check the lease: a running session without one lost its worker, and the first reader to notice
-  writes its ``end {reason: "worker_lost"}`` (a guarded script, so exactly one does).
+  while it runs: each worker renews all of its sessions together, one pipelined round trip per
+  ``RENEW_BATCH`` sessions, and takes cancel requests for all of them from one list it blocks
+  on (the registry's lease keeper drives both). Readers block on XREAD for at most
+  ``redis_poll_seconds`` at a time and then check the lease: a running session without one lost
+  its worker, and the first reader to notice writes its ``end {reason: "worker_lost"}`` (a
+  guarded script, so exactly one does).
+- Connections are pooled explicitly, never by the client library's default: a bounded pool for
+  commands (callers wait briefly for a free connection rather than fail), one connection per
+  SSE reader while it waits, and one per worker for its cancel wait.
 - Every Redis failure surfaces as ``StoreUnavailable`` (code ``store_unavailable``, 503) after a
   few quick reconnect attempts; nothing waits on Redis without a bound.
 """
@@ -20,16 +26,16 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import anyio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from service.config import SessionConfig, config_to_dict, parse_session_config
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
@@ -38,7 +44,7 @@ from service.events.types import End, Event, LoggedEvent
 from service.session.session import EndReason
 from service.settings import Settings
 from service.store import lua
-from service.store.base import Claim
+from service.store.base import Claim, Lease, Renewal
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,20 @@ READ_COUNT = 256
 # Quick reconnect attempts (50, 100, 200 ms apart) ride out a restart or failover; past them the
 # caller gets StoreUnavailable rather than a wait.
 RETRIES = 3
+# Connections per worker for ordinary commands (appends, claims, status, renewals, a reader's
+# lease check). Each is held for one round trip, so a few dozen are busy at a time even with
+# hundreds of sessions; this many leave room for a worker whose event loop runs late (a reply
+# is only read when the loop gets to it). Past them, callers queue for up to the command
+# timeout. redis-py's own default (100 in redis-py 8, failing at once with "Too many
+# connections") is what 400 live sessions on two workers ran into.
+COMMAND_CONNECTIONS = 256
+# Connections per worker for SSE readers, each held while its XREAD BLOCK waits: one per
+# subscriber this worker serves. Size Redis's maxclients for the sum over all workers.
+FOLLOWER_CONNECTIONS = 4096
+# Sessions renewed per pipelined round trip (one RENEW script each).
+RENEW_BATCH = 500
+# Cancel requests taken per wake-up of a worker's cancel wait.
+CANCEL_DRAIN = 1000
 
 _END_FIELDS = frozenset({"type", "reason", "channel"})
 
@@ -56,7 +76,6 @@ class _Keys:
     session: str
     events: str
     lease: str
-    cancel: str
 
 
 def _ms(seconds: float) -> int:
@@ -99,11 +118,18 @@ class RedisStore:
             f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         )
         timeout = settings.redis_timeout_seconds
-        self._redis = self._client(settings.redis_url, timeout)
-        # XREAD BLOCK and BLPOP (the owner's cancel wait, a third of the lease) wait by design,
-        # so their connections need a longer read timeout than one command: a pool of their own.
-        longest_wait = max(settings.redis_poll_seconds, settings.redis_lease_seconds / 3)
-        self._blocking = self._client(settings.redis_url, timeout + longest_wait)
+        # Commands: a bounded pool; a caller finding every connection busy waits for one (up to
+        # the command timeout) instead of failing.
+        self._redis = self._client(COMMAND_CONNECTIONS, timeout, queue=True)
+        # XREAD BLOCK (SSE readers) and BLPOP (the worker's cancel wait) wait by design, so their
+        # connections need a longer read timeout than one command: pools of their own. The
+        # cancel wait has its own single connection, so readers can never crowd it out.
+        self._longest_wait = max(settings.redis_poll_seconds, settings.redis_lease_seconds / 3)
+        self._blocking = self._client(
+            FOLLOWER_CONNECTIONS, timeout + self._longest_wait, queue=False
+        )
+        self._cancel_waits = self._client(1, timeout + self._longest_wait, queue=True)
+        self._cancels_key = self._worker_cancels(self.worker_id)
         self._append = self._redis.register_script(lua.APPEND)
         self._claim = self._redis.register_script(lua.CLAIM)
         self._renew = self._redis.register_script(lua.RENEW)
@@ -112,18 +138,31 @@ class RedisStore:
         self._retention_ms = _ms(settings.retention_seconds)
         self._poll_ms = _ms(settings.redis_poll_seconds)
 
-    def _client(self, url: str, socket_timeout: float) -> Redis:
-        return Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=self.settings.redis_timeout_seconds,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
-        )
+    def _client(self, max_connections: int, socket_timeout: float, *, queue: bool) -> Redis:
+        """A client with a pool of its own of at most ``max_connections``. With ``queue`` a caller
+        finding them all busy waits up to the command timeout for one, otherwise it fails."""
+        url = self.settings.redis_url
+        assert url
+        options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "decode_responses": True,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": self.settings.redis_timeout_seconds,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+        }
+        if queue:
+            timeout = self.settings.redis_timeout_seconds
+            pool: ConnectionPool = BlockingConnectionPool.from_url(url, timeout=timeout, **options)
+        else:
+            pool = ConnectionPool.from_url(url, **options)
+        return Redis.from_pool(pool)  # the client owns its pool: closing it closes the pool
 
     def _keys(self, session_id: str) -> _Keys:
         base = f"{self.settings.redis_prefix}:{{{session_id}}}"
-        return _Keys(f"{base}:session", f"{base}:events", f"{base}:lease", f"{base}:cancel")
+        return _Keys(f"{base}:session", f"{base}:events", f"{base}:lease")
+
+    def _worker_cancels(self, worker_id: str) -> str:
+        return f"{self.settings.redis_prefix}:worker:{{{worker_id}}}:cancels"
 
     # -- records ------------------------------------------------------------------------------
 
@@ -209,13 +248,17 @@ class RedisStore:
         k = self._keys(session_id)
         for _ in range(3):
             with _unavailable("cancelling a session"):
-                state = await self._cancel(
-                    keys=[k.session, k.cancel], args=[self._lease_ms + self._retention_ms]
-                )
+                state, owner = await self._cancel(keys=[k.session])
             if state == "missing":
                 _not_found()
+            if state == "running":
+                # Marked: the owner's next renewal (within a third of the lease) sees it in any
+                # case. Telling the owner's cancel wait makes it milliseconds.
+                if owner:
+                    await self._signal_owner(owner, session_id)
+                break
             if state != "created":
-                break  # running: its owner was signalled; ended: nothing to do
+                break  # ended: nothing to do
             # Nobody runs it: end it here, unless an upload claims it first (then signal that).
             summary = await self._summary(session_id)
             outcome = await self._end_unowned(
@@ -232,24 +275,84 @@ class RedisStore:
             _not_found()
         return RedisEventLog(self, session_id, owned=False)
 
-    async def renew(
-        self, session_id: str, config: Mapping[str, Any], summary: Mapping[str, Any]
-    ) -> bool:
-        k = self._keys(session_id)
-        args: list[str | int] = [
+    async def _signal_owner(self, owner: str, session_id: str) -> None:
+        key = self._worker_cancels(owner)
+        with _unavailable("cancelling a session"):
+            async with self._redis.pipeline(transaction=True) as p:
+                p.rpush(key, session_id)
+                # A worker that died leaves its list behind only this long.
+                p.pexpire(key, self._lease_ms + self._retention_ms)
+                await p.execute()
+
+    async def renew(self, sessions: Sequence[Renewal]) -> dict[str, Lease]:
+        """Renew every session this worker owns: one pipelined round trip per ``RENEW_BATCH``
+        sessions (each a ``RENEW`` script, atomic per session). Raises ``StoreUnavailable``
+        only if no batch got through; a session of a failed batch is missing from the answer."""
+        leases: dict[str, Lease] = {}
+        failure: StoreUnavailable | None = None
+        for i in range(0, len(sessions), RENEW_BATCH):
+            try:
+                leases.update(await self._renew_batch(sessions[i : i + RENEW_BATCH]))
+            except StoreUnavailable as exc:
+                failure = failure or exc
+        if failure is not None and not leases:
+            raise failure
+        return leases
+
+    async def _renew_batch(self, batch: Sequence[Renewal]) -> dict[str, Lease]:
+        common: list[str | int] = [
             self.worker_id,
             self._lease_ms,
             self._lease_ms + self._retention_ms,
-            to_json(summary),
-            to_json(config),
         ]
-        with _unavailable("renewing a lease"):
-            return bool(await self._renew(keys=[k.session, k.lease, k.events], args=args))
+        replies: list[Any] = []
+        for attempt in range(2):
+            with _unavailable("renewing leases"):
+                async with self._redis.pipeline(transaction=False) as p:
+                    for r in batch:
+                        k = self._keys(r.session_id)
+                        config = "" if r.config is None else to_json(r.config)
+                        p.evalsha(
+                            self._renew.sha,
+                            3,
+                            k.session,
+                            k.lease,
+                            k.events,
+                            *common,
+                            to_json(r.summary),
+                            config,
+                        )
+                    replies = await p.execute(raise_on_error=False)
+                if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                    # Redis restarted or flushed its scripts: load it, send the batch again.
+                    await self._redis.script_load(lua.RENEW)
+                    continue
+            break
+        leases: dict[str, Lease] = {}
+        errors: list[Exception] = []
+        for r, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                errors.append(reply)  # not renewed this time; the caller counts from before
+            elif reply == 0:
+                leases[r.session_id] = Lease.LOST
+            else:
+                leases[r.session_id] = Lease.CANCEL if reply == 2 else Lease.HELD
+        if errors:
+            log.warning("%d of %d lease renewals failed: %s", len(errors), len(batch), errors[0])
+        return leases
 
-    async def wait_cancel(self, session_id: str, seconds: float) -> bool:
-        with _unavailable("waiting for a cancel request"):
-            popped = await self._blocking.blpop([self._keys(session_id).cancel], timeout=seconds)
-        return popped is not None
+    async def wait_cancels(self, seconds: float) -> list[str]:
+        """BLPOP on this worker's cancel list (one connection, however many sessions it owns),
+        then whatever else is queued there, in one more round trip."""
+        # 0 would block for ever, and a wait past the connection's read timeout would time out.
+        seconds = min(max(seconds, 0.01), self._longest_wait)
+        key = self._cancels_key
+        with _unavailable("waiting for cancel requests"):
+            popped = await self._cancel_waits.blpop([key], timeout=seconds)
+            if popped is None:
+                return []
+            more = cast(list[str] | None, await self._cancel_waits.lpop(key, CANCEL_DRAIN))
+        return [cast(str, popped[1]), *(more or [])]
 
     async def ping(self) -> None:
         with _unavailable("checking readiness"):
@@ -258,6 +361,7 @@ class RedisStore:
     async def aclose(self) -> None:
         await self._redis.aclose()
         await self._blocking.aclose()
+        await self._cancel_waits.aclose()
 
     # -- events -------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.types import Active, End, Inactive, LoggedEvent, Segment
 from service.session.session import Counters, summarize
 from service.settings import Settings
+from service.store import Lease, Renewal
 from service.store.redis_store import RedisEventLog, RedisStore
 from tests.store.conftest import RedisServer
 
@@ -160,7 +161,8 @@ async def test_lost_owner_gets_exactly_one_worker_lost_end(make_store: StoreFact
     readers = [make_store() for _ in range(4)]
     log = await started(owner)
     await log.append(Active(0, 0.5))
-    await owner.renew(log.session_id, {}, {**EMPTY, "bytes": 1234})
+    renewal = Renewal(log.session_id, {**EMPTY, "bytes": 1234})
+    assert await owner.renew([renewal]) == {log.session_id: Lease.HELD}
     # The owner now falls silent (as if killed): nobody renews its 0.6 s lease.
     t0 = time.monotonic()
     results: list[list[LoggedEvent]] = []
@@ -182,7 +184,7 @@ async def test_lost_owner_gets_exactly_one_worker_lost_end(make_store: StoreFact
     # The old owner, should it wake up, can no longer write: it is fenced off.
     with pytest.raises(StoreUnavailable, match="lost the session"):
         await log.append(Active(0, 9.0))
-    assert not await owner.renew(log.session_id, {}, EMPTY)
+    assert await owner.renew([renewal]) == {log.session_id: Lease.LOST}
     with pytest.raises(StreamerError) as again:
         await readers[0].claim(log.session_id)
     assert again.value.code is ErrorCode.SESSION_ENDED
@@ -214,21 +216,23 @@ async def test_cancel(make_store: StoreFactory) -> None:
     status = await other.cancel("D" * 22)
     assert (status["state"], status["end_reason"]) == ("ended", "cancelled")
     assert [e.data["reason"] for e in await collect(other, "D" * 22)] == ["cancelled"]
-    # Running elsewhere: its owner is told, at once.
+    # Running elsewhere: its owner is told, at once, through its worker's one cancel list.
     log = await started(owner, "R" * 22)
-    assert not await owner.wait_cancel(log.session_id, 0.05)
+    assert await owner.wait_cancels(0.05) == []
     with anyio.fail_after(2):
         async with anyio.create_task_group() as tg:
-            waiting: list[bool] = []
+            waiting: list[list[str]] = []
 
             async def wait() -> None:
-                waiting.append(await owner.wait_cancel(log.session_id, 1.5))
+                waiting.append(await owner.wait_cancels(1.5))
 
             tg.start_soon(wait)
             await anyio.sleep(0.05)
             t0 = time.monotonic()
             await other.cancel(log.session_id)
-        assert waiting == [True] and time.monotonic() - t0 < 0.5
+        assert waiting == [[log.session_id]] and time.monotonic() - t0 < 0.5
+    # Had that push been lost, the owner's next renewal says so too.
+    assert await owner.renew([Renewal(log.session_id, EMPTY)]) == {log.session_id: Lease.CANCEL}
     with pytest.raises(StreamerError) as gone:
         await other.cancel("U" * 22)
     assert gone.value.code is ErrorCode.SESSION_NOT_FOUND
@@ -238,9 +242,9 @@ async def test_cancel_wait_longer_than_a_poll_is_not_a_timeout(make_store: Store
     """The owner waits a third of its lease for a cancel; with a lease much longer than the
     poll interval that wait outlasted the blocking connection's socket timeout."""
     store = make_store(redis_lease_seconds=4.5, redis_timeout_seconds=0.5)
-    log = await started(store)
+    await started(store)
     with anyio.fail_after(3):
-        assert not await store.wait_cancel(log.session_id, 1.5)
+        assert await store.wait_cancels(1.5) == []
 
 
 async def test_retention_by_length_and_expiry(make_store: StoreFactory) -> None:
