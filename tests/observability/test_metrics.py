@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -183,3 +184,36 @@ async def test_log_lines_are_json_with_session_and_trace_ids(
     assert len(ended) == 1
     assert ended[0]["trace_id"] == trace_id
     assert (ended[0]["reason"], ended[0]["segments"]) == ("completed", 3)
+
+
+async def test_decoding_is_observed_per_second_of_audio_not_per_chunk(
+    server: Server, speech_wav: Path
+) -> None:
+    """Regression (cost): the decode stage's three histograms were observed for every chunk,
+    three lock-taking observations per 100 ms chunk at hundreds of streams, for a real-time
+    factor of microseconds. They are now observed once per second of audio (and once for the
+    rest at the end), and the totals stay exact."""
+    body = speech_wav.read_bytes()
+    chunk = 3200  # 100 ms of 16 kHz s16 mono
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), chunk):
+            yield body[i : i + chunk]
+            await anyio.lowlevel.checkpoint()
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        with anyio.fail_after(60):
+            before = await scrape(client)
+            session = (await client.post("/v1/sessions")).json()
+            r = await client.put(session["audio_url"], content=pieces())
+            assert r.status_code == 200, r.text
+            await read_all(client, session["events_url"])
+            after = await scrape(client)
+    audio_s = r.json()["audio_seconds"]
+    assert audio_s > 7
+    got_audio = delta(after, before, "streamer_received_audio_seconds_total")
+    assert got_audio == pytest.approx(audio_s, abs=0.0006)
+    decoded = delta(after, before, "streamer_media_duration_seconds_sum", stage="audio_decoding")
+    assert decoded == pytest.approx(got_audio)
+    observations = delta(after, before, "streamer_rtf_count", stage="audio_decoding")
+    assert 1 <= observations <= int(audio_s) + 1 < len(body) // chunk
