@@ -212,7 +212,7 @@ class Segmenter:
         # In float64, as push compares Python floats: a float32 comparison could differ at
         # the threshold itself.
         prob = np.asarray(probs[:k], dtype=np.float64)
-        silent = prob < p.negative_threshold
+        runs = self._silent_runs(prob < p.negative_threshold)
         position = self._position
         if not self._in_speech:
             # Silence: everything before the first frame that opens a candidate.
@@ -221,8 +221,7 @@ class Segmenter:
         else:
             # Confirmed speech: everything before the frame that ends it (a silent run past
             # redemption) or cuts it (max_segment).
-            run = self._silent_runs(silent)
-            ends = np.flatnonzero(run > self._redemption)
+            ends = np.flatnonzero(runs > self._redemption)
             take = int(ends[0]) if len(ends) else k
             cut = -(-(self._start + self._max_segment - position) // FRAME) - 1
             take = min(take, max(cut, 0))
@@ -232,7 +231,7 @@ class Segmenter:
             return 0
         n = take * FRAME
         self._position = position + n
-        self._silent_run = int(self._silent_runs(silent[:take])[-1])
+        self._silent_run = int(runs[take - 1])
         if self._in_speech:
             self._speech_time += n
             self._audio.append(frames[:take].reshape(-1))
