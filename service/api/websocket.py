@@ -211,10 +211,9 @@ class Connection:
                 return
         # InputClosed: the session stopped taking audio by itself (bad data, a limit, DELETE,
         # shutdown). The sender closes the connection once it has delivered its results.
-        # Shielded: a write waits while the pipeline is behind, and cancelled there (the sender
-        # dropping a client that stopped reading) the chunk would be counted as received and
-        # never processed. The wait is bounded: the pipeline takes it or closes its input.
-        with contextlib.suppress(InputClosed), anyio.CancelScope(shield=True):
+        # A write that waits for room is delivered even if the sender cancels this task
+        # meanwhile (dropping a client that stopped reading): Session.write sees to that.
+        with contextlib.suppress(InputClosed):
             await self.current.write(data)
 
     async def _open(self) -> None:

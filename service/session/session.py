@@ -113,6 +113,7 @@ class Session:
         self._t0 = time.monotonic()
         self.end_reason: EndReason | None = None
         self._store_error: StoreUnavailable | None = None
+        self._sending = False  # a write is waiting for room in the pipeline's input
         # Decoded audio and decoding work not yet reported to the observer (see _decoded).
         self._unreported = (0, 0.0)
 
@@ -177,7 +178,18 @@ class Session:
                 # a task switch per chunk that buys nothing here.
                 self._input.send_nowait(data)
             except anyio.WouldBlock:
-                await self._input.send(data)
+                # The pipeline is behind. This chunk was received, so it must reach it: neither
+                # the input closing meanwhile (shutdown, the transport giving up on its client)
+                # nor the caller being cancelled may withdraw it. The wait ends when the decoder
+                # takes it or the pipeline ends (its receive side closes).
+                self._sending = True
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await self._input.send(data)
+                finally:
+                    self._sending = False
+                    if self._input_reason is not None:
+                        self._input.close()  # closed while this chunk waited: close now
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise InputClosed from None
 
@@ -185,8 +197,8 @@ class Session:
         """End of input: the pipeline drains everything received, then the session ends."""
         if self._input_reason is None:
             self._input_reason = reason
-        if self._input is not None:
-            self._input.close()
+        if self._input is not None and not self._sending:
+            self._input.close()  # else once the chunk in hand-off is delivered (_send)
         self.input_closed.set()
 
     async def fail_input(self, error: StreamerError, reason: EndReason) -> None:
