@@ -1,9 +1,11 @@
 // The page: settings -> a session -> audio in (microphone or file) -> events out -> timeline.
 //
 // State lives on <main data-state>: idle, starting, running, stopping, ended, failed; the
-// transport in use on data-transport. Tests wait on those and on [data-final] elements.
+// transport in use on data-transport, how a recording is sent (pcm, opus) on data-mic-format.
+// Tests wait on those and on [data-final] elements.
 
 import { EventStream } from "./events.js";
+import { PCM_SAMPLE_RATE, PcmCapture } from "./pcm.js";
 import { Timeline, formatTime } from "./timeline.js";
 import { chooseTransport, createUpload } from "./transport.js";
 
@@ -48,6 +50,7 @@ const ui = {
   file: $("file"),
   fileLabel: $("file-label"),
   reconnect: $("reconnect"),
+  micFormat: $("mic-format"),
   level: $("level"),
   clock: $("clock"),
   errors: $("errors"),
@@ -76,6 +79,8 @@ function readSettings() {
       vad: Object.fromEntries(VAD_FIELDS.map((name) => [name, num(name)])),
     },
     transport: f.transport.value,
+    // How the microphone is sent: raw PCM (cheap for the service) or a recorder's Opus (smaller).
+    micFormat: f.mic_format.value === "opus" ? "opus" : "pcm",
     apiKey: f.api_key.value.trim(),
   };
 }
@@ -141,6 +146,9 @@ ui.settings.addEventListener("reset", () => {
   });
 });
 ui.settings.addEventListener("submit", (e) => e.preventDefault());
+// Sits with the microphone controls, outside the form (form="settings"): its events do not
+// bubble to the form.
+ui.micFormat.addEventListener("change", saveSettings);
 
 // ---------------------------------------------------------------- display
 
@@ -152,6 +160,7 @@ function setState(state) {
   ui.record.disabled = busy;
   ui.file.disabled = busy;
   ui.fileLabel.classList.toggle("disabled", busy);
+  ui.micFormat.disabled = busy;
   ui.stop.disabled = !(state === "running" || state === "starting");
   ui.reconnect.disabled = !(run?.events && (state === "running" || state === "stopping"));
   for (const fs of ui.settings.querySelectorAll("fieldset")) fs.disabled = busy;
@@ -273,6 +282,7 @@ function newRun(source) {
     events: null,
     eventsState: "–",
     recorder: null,
+    capture: null,
     stream: null,
     audioContext: null,
     analyser: null,
@@ -290,6 +300,7 @@ function newRun(source) {
   };
   ui.app.dataset.transport = choice.name;
   ui.app.dataset.source = source;
+  ui.app.dataset.micFormat = source === "microphone" ? settings.micFormat : "";
   ui.transport.textContent = choice.name === "fetch" ? "fetch stream (HTTP/2)" : "WebSocket";
   ui.transport.title = choice.reason;
   showSent();
@@ -298,8 +309,8 @@ function newRun(source) {
   return run;
 }
 
-async function openSession(r, contentType) {
-  r.upload = createUpload(r.transport.name, { apiKey: r.settings.apiKey, contentType });
+async function openSession(r, contentType, pcm = null) {
+  r.upload = createUpload(r.transport.name, { apiKey: r.settings.apiKey, contentType, pcm });
   const { sessionId } = await r.upload.open(r.settings.config);
   r.upload.onerror = (err) => uploadFailed(r, err);
   ui.sessionId.textContent = sessionId;
@@ -391,6 +402,7 @@ function releaseInputs(r) {
     r.recorder.onstop = null;
     r.recorder.stop();
   }
+  r.capture?.close();
   for (const track of r.stream?.getTracks() ?? []) track.stop();
   r.audioContext?.close().catch(() => {});
   r.player?.pause();
@@ -437,6 +449,13 @@ function pickRecorderType() {
   return RECORDER_TYPES.find((t) => MediaRecorder.isTypeSupported(t)) ?? "";
 }
 
+function levelMeter(r, source) {
+  r.analyser = r.audioContext.createAnalyser();
+  r.analyser.fftSize = 1024;
+  r.levelBuf = new Float32Array(r.analyser.fftSize);
+  source.connect(r.analyser);
+}
+
 /** The microphone as one mixed-down channel, plus a level meter on the way. Chrome's
  * MediaRecorder writes stereo Opus even from a mono microphone, and the service analyses each
  * channel on its own: without this every utterance would show twice. */
@@ -449,10 +468,7 @@ async function monoInput(r, stream) {
       channelCountMode: "explicit",
       channelInterpretation: "speakers",
     });
-    r.analyser = ctx.createAnalyser();
-    r.analyser.fftSize = 1024;
-    r.levelBuf = new Float32Array(r.analyser.fftSize);
-    source.connect(r.analyser);
+    levelMeter(r, source);
     source.connect(mono);
     await ctx.resume();
     if (ctx.state === "running") return mono.stream;
@@ -463,37 +479,68 @@ async function monoInput(r, stream) {
   return stream;
 }
 
+/** The microphone as raw 16 kHz mono PCM (pcm.js), plus the level meter. */
+async function pcmInput(r, stream) {
+  const ctx = r.audioContext;
+  const source = ctx.createMediaStreamSource(stream);
+  levelMeter(r, source);
+  r.capture = await PcmCapture.create(ctx, source);
+  await ctx.resume();
+  if (ctx.state !== "running") {
+    throw Object.assign(new Error(`Audio capture did not start (the audio context is ${ctx.state}).`), {
+      code: "capture_failed",
+    });
+  }
+  return r.capture;
+}
+
+function unsupported(message) {
+  return Object.assign(new Error(message), { code: "unsupported" });
+}
+
 async function startMicrophone() {
   const r = newRun("microphone");
+  const pcm = r.settings.micFormat === "pcm";
   try {
     // Made before the first await, while the click still counts as a user gesture: only then
-    // may an AudioContext start running.
-    r.audioContext = typeof AudioContext === "function" ? new AudioContext() : null;
-    const type = pickRecorderType();
-    if (type === null) throw Object.assign(new Error("This browser has no MediaRecorder."), { code: "unsupported" });
-    if (!navigator.mediaDevices?.getUserMedia) {
-      throw Object.assign(new Error("Microphone access needs HTTPS or localhost."), { code: "unsupported" });
+    // may an AudioContext start running. For PCM it runs at 16 kHz: the browser resamples.
+    r.audioContext =
+      typeof AudioContext === "function" ? new AudioContext(pcm ? { sampleRate: PCM_SAMPLE_RATE } : undefined) : null;
+    const type = pcm ? "" : pickRecorderType();
+    if (pcm && !r.audioContext?.audioWorklet) {
+      throw unsupported("This browser cannot capture raw audio (no AudioWorklet); send as Opus instead.");
     }
+    if (type === null) throw unsupported("This browser has no MediaRecorder.");
+    if (!navigator.mediaDevices?.getUserMedia) throw unsupported("Microphone access needs HTTPS or localhost.");
     // Ask for the microphone first: a permission prompt can take longer than a session waits.
     r.stream = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
     });
     // Stop may have been pressed while the browser asked for permission or the session opened.
     if (r.finished) return releaseInputs(r);
-    const input = await monoInput(r, r.stream);
-    r.recorder = new MediaRecorder(input, type ? { mimeType: type } : undefined);
-    await openSession(r, r.recorder.mimeType || type);
-    if (r.finished) return releaseInputs(r);
-    r.recorder.ondataavailable = (e) => {
-      if (e.data.size) enqueue(r, e.data);
-    };
-    r.recorder.onstop = () => endUpload(r);
-    r.recorder.onerror = (e) => {
-      uploadFailed(r, { code: "recorder_failed", message: e.error?.message ?? "recording failed" });
-    };
+    if (pcm) {
+      const capture = await pcmInput(r, r.stream);
+      if (r.finished) return releaseInputs(r);
+      await openSession(r, "", { sampleRate: capture.sampleRate, channels: 1 });
+      if (r.finished) return releaseInputs(r);
+      capture.ondata = (bytes) => enqueue(r, bytes);
+      capture.start();
+    } else {
+      const input = await monoInput(r, r.stream);
+      r.recorder = new MediaRecorder(input, type ? { mimeType: type } : undefined);
+      await openSession(r, r.recorder.mimeType || type);
+      if (r.finished) return releaseInputs(r);
+      r.recorder.ondataavailable = (e) => {
+        if (e.data.size) enqueue(r, e.data);
+      };
+      r.recorder.onstop = () => endUpload(r);
+      r.recorder.onerror = (e) => {
+        uploadFailed(r, { code: "recorder_failed", message: e.error?.message ?? "recording failed" });
+      };
+      r.recorder.start(SLICE_MS);
+    }
     // An unplugged microphone ends its track: finish the session with what was recorded.
     for (const track of r.stream.getAudioTracks()) track.addEventListener("ended", stop);
-    r.recorder.start(SLICE_MS);
     r.clockStart = performance.now();
     timeline.ensureLane(0);
     timeline.live = true;
@@ -574,6 +621,16 @@ function stop() {
     for (const track of r.stream.getTracks()) track.stop();
     r.clockStart = null;
     setState("stopping");
+  } else if (r.capture?.started) {
+    // The worklet hands over what it still holds, the last partial chunk is sent, then the
+    // upload ends: nothing captured is dropped.
+    r.stopRequested = true;
+    r.clockStart = null;
+    setState("stopping");
+    r.capture.stop().then(() => {
+      for (const track of r.stream.getTracks()) track.stop();
+      endUpload(r);
+    });
   } else if (r.source === "file" && r.upload) {
     // The reading loop sees this and ends the upload after the piece in flight.
     r.stopRequested = true;
@@ -635,6 +692,17 @@ window.streamer = {
   },
   get lastEventId() {
     return run?.events?.lastId ?? 0;
+  },
+  /** "pcm" or "opus": how the next recording will be sent (the session's is on data-mic-format). */
+  get micFormat() {
+    return readSettings().micFormat;
+  },
+  /** Bytes of audio handed to the upload, and (PCM) samples the worklet captured. */
+  get bytesSent() {
+    return run?.bytes ?? 0;
+  },
+  get samplesCaptured() {
+    return run?.capture?.samples ?? 0;
   },
   reconnectEvents,
 };

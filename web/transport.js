@@ -5,6 +5,10 @@
 //   a request body only over HTTP/2, so this needs the page on https: (TLS with ALPN h2).
 // - WebSocketUpload: /v1/ws, a start message, binary frames, a stop message. Works on HTTP/1.1.
 // Observations do not come back through either: the page reads them from the session's SSE.
+//
+// The audio is a container the service sniffs (a recorder's webm/opus, a file), or raw PCM when
+// `pcm: {sampleRate, channels}` is given: s16le, declared as `?encoding=s16le&sample_rate=...&
+// channels=...` on the fetch upload's URL and as the start message's `format` on the WebSocket.
 
 /** Chrome's documented feature test: a stream body is accepted (no Content-Type is added for
  * it) and the `duplex` option is read. */
@@ -103,12 +107,21 @@ export function withToken(url, apiKey) {
 
 const CHUNKS_AHEAD = 8;
 
+/** The upload URL's query declaring raw s16le PCM; "" for a container. */
+function pcmQuery(pcm) {
+  if (!pcm) return "";
+  const q = new URLSearchParams({ encoding: "s16le", sample_rate: String(pcm.sampleRate), channels: String(pcm.channels) });
+  return `?${q}`;
+}
+
 export class FetchUpload {
   name = "fetch";
 
-  constructor({ apiKey = "", contentType = "" } = {}) {
+  constructor({ apiKey = "", contentType = "", pcm = null } = {}) {
     this.apiKey = apiKey;
     this.contentType = contentType;
+    this.pcm = pcm;
+    this.url = "";
     this.controller = null;
     this.wake = null;
     this.response = null;
@@ -139,8 +152,9 @@ export class FetchUpload {
     );
     const headers = authHeaders(this.apiKey);
     if (this.contentType) headers["Content-Type"] = this.contentType;
+    this.url = `/v1/sessions/${session.id}/audio${pcmQuery(this.pcm)}`;
     // Resolves only after the body has ended and the service has drained the session.
-    this.response = fetch(`/v1/sessions/${session.id}/audio`, {
+    this.response = fetch(this.url, {
       method: "POST",
       headers,
       body,
@@ -192,8 +206,10 @@ const WS_START_TIMEOUT_MS = 15_000;
 export class WebSocketUpload {
   name = "websocket";
 
-  constructor({ apiKey = "" } = {}) {
+  constructor({ apiKey = "", pcm = null } = {}) {
     this.apiKey = apiKey;
+    this.pcm = pcm;
+    this.startMessage = null;
     this.ws = null;
     this.finishing = false;
     this.onerror = null;
@@ -205,6 +221,10 @@ export class WebSocketUpload {
     const ws = new WebSocket(url);
     ws.binaryType = "arraybuffer";
     this.ws = ws;
+    this.startMessage = { request: "start", ...config };
+    if (this.pcm) {
+      this.startMessage.format = { channels: this.pcm.channels, sample_rate: this.pcm.sampleRate, bit_depth: 16, is_float: false };
+    }
     return new Promise((resolve, reject) => {
       let started = false;
       const timer = setTimeout(() => {
@@ -212,7 +232,7 @@ export class WebSocketUpload {
         ws.close();
       }, WS_START_TIMEOUT_MS);
       ws.addEventListener("open", () => {
-        ws.send(JSON.stringify({ request: "start", ...config }));
+        ws.send(JSON.stringify(this.startMessage));
       });
       ws.addEventListener("message", (e) => {
         if (started || typeof e.data !== "string") return;

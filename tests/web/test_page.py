@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -219,6 +220,34 @@ def record(page: Any, name: str, after_first_final: Any, shot_when: str) -> dict
     return page_results(page)
 
 
+def session_status(page: Any, server: Server) -> dict[str, Any]:
+    """The service's own status of the page's last session (``GET /v1/sessions/{id}``)."""
+    session_id = page.get_attribute("main", "data-session")
+    r = httpx.get(f"{server.url}/v1/sessions/{session_id}", timeout=10, verify=False)
+    assert r.status_code == 200, r.text
+    status: dict[str, Any] = r.json()
+    return status
+
+
+def assert_sent_as_pcm(page: Any, server: Server) -> None:
+    """The microphone went up as raw 16 kHz s16le, every captured sample of it: the page's
+    worklet count, the bytes it sent and the bytes the service received all agree."""
+    assert page.get_attribute("main", "data-mic-format") == "pcm"
+    status = session_status(page, server)
+    assert (status["container"], status["codec"]) == ("raw", "pcm_s16le"), status
+    assert status["config"]["format"] == {
+        "channels": 1,
+        "sample_rate": 16_000,
+        "bit_depth": 16,
+        "is_float": False,
+    }, status["config"]
+    captured = page.evaluate("() => window.streamer.samplesCaptured")
+    sent = page.evaluate("() => window.streamer.bytesSent")
+    assert captured > 0 and sent == 2 * captured == status["bytes"], (captured, sent, status)
+    # Everything up to Stop: the speech and most of the trailing silence.
+    assert status["audio_seconds"] == pytest.approx(captured / 16_000, abs=0.01)
+
+
 def duplicates(page: Any) -> int:
     return int(page.get_attribute("#events-status", "data-duplicates") or 0)
 
@@ -259,6 +288,7 @@ def test_microphone_over_websocket(page: Any, http_server: Server) -> None:
     assert page.get_attribute("main", "data-transport") == "websocket"
     assert result["duplicates"] > 0
     assert_one_final_per_utterance(result)
+    assert_sent_as_pcm(page, http_server)
 
 
 def test_microphone_over_http2_fetch(page: Any, https_server: Server) -> None:
@@ -280,6 +310,33 @@ def test_microphone_over_http2_fetch(page: Any, https_server: Server) -> None:
         "expected interim results"
     )
     assert_one_final_per_utterance(result)
+    assert_sent_as_pcm(page, https_server)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_microphone_as_opus(page: Any, scheme: str, request: pytest.FixtureRequest) -> None:
+    """The "send as" selector: Opus from MediaRecorder still works, on both transports, and the
+    choice is remembered like the other settings."""
+    server: Server = request.getfixturevalue(f"{scheme}_server")
+    open_page(page, server)
+    assert page.input_value("#mic-format") == "pcm"  # the default
+    page.select_option("#mic-format", "opus")
+    page.reload()
+    wait_state(page, "idle")
+    assert page.input_value("#mic-format") == "opus"
+    assert page.evaluate("() => window.streamer.micFormat") == "opus"
+    result = record(page, f"microphone-opus-{scheme}", lambda: None, shot_when="#timeline .bar")
+    assert page.get_attribute("main", "data-mic-format") == "opus"
+    assert_one_final_per_utterance(result)
+    status = session_status(page, server)
+    assert (status["container"], status["codec"]) == ("webm", "opus"), status
+    assert status["config"]["format"] in (None, "auto"), status["config"]
+    # Defaults puts PCM back.
+    page.click("button[type=reset]")
+    page.wait_for_function(
+        """() => document.getElementById('mic-format').value === 'pcm'
+            && JSON.parse(localStorage.getItem('streamer.settings')).mic_format === 'pcm'"""
+    )
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])

@@ -26,7 +26,13 @@ def test_index_is_served_at_root(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     ("name", "media_type"),
-    [("app.js", "text/javascript"), ("style.css", "text/css"), ("timeline.js", "text/javascript")],
+    [
+        ("app.js", "text/javascript"),
+        ("style.css", "text/css"),
+        ("timeline.js", "text/javascript"),
+        ("pcm.js", "text/javascript"),
+        ("pcm-worklet.js", "text/javascript"),
+    ],
 )
 def test_assets_have_their_types(client: httpx.Client, name: str, media_type: str) -> None:
     r = client.get(f"/{name}")
