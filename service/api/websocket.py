@@ -289,8 +289,9 @@ class Connection:
     def _client_gone(self) -> None:
         """Nothing can reach the client any more; sessions drain into their logs regardless.
 
-        The current session's input is ended by ``run`` once the receiver has stopped: ended
-        here, from the sender, it would withdraw the chunk the receiver may be writing."""
+        The current session's input is ended in one place, ``run``'s ``finally``, once the
+        receiver has stopped (a chunk it was handing over is delivered either way: see
+        ``Session.write``)."""
         self.gone = True
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
