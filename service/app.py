@@ -19,6 +19,8 @@ from starlette.routing import Route, WebSocketRoute
 from service.api import health, sessions, sse, upload, web, websocket
 from service.api.responses import http_error_handler, internal_error_handler, streamer_error_handler
 from service.api.security import ApiKeyMiddleware
+from service.audio import opus
+from service.audio.packets import DecodePool
 from service.errors import StreamerError
 from service.model.base import load_model
 from service.model.runner import ModelRunner
@@ -33,6 +35,19 @@ from service.vad.batcher import VadBatcher
 from service.vad.silero import load_session
 
 log = logging.getLogger(__name__)
+
+
+def _decode_pool(settings: Settings) -> DecodePool | None:
+    if settings.opus_decoder == "ffmpeg":
+        return None
+    if settings.opus_decoder != "libopus":
+        raise ValueError(
+            f"STREAMER_OPUS_DECODER must be libopus or ffmpeg, not {settings.opus_decoder!r}"
+        )
+    if not opus.available():
+        log.warning("libopus not found: WebM and Ogg Opus are decoded by FFmpeg")
+        return None
+    return DecodePool()
 
 
 def create_app(
@@ -67,6 +82,7 @@ def create_app(
                 observer=observability.model_observer,
             ),
             observer=observability.session_observer,
+            decoders=_decode_pool(settings),
         )
         observability.start(runtime.models.limiter)
         # sse-starlette only detects uvicorn's shutdown; under hypercorn we set this ourselves.
@@ -76,6 +92,8 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runtime.batcher.run)
+                if runtime.decoders is not None:
+                    tg.start_soon(runtime.decoders.run)
                 app.state.registry = Registry(runtime, tg, store)
                 log.info("ready", extra={"model": settings.model, "worker": store.worker_id})
                 try:

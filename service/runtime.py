@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.audio.packets import DecodePool
 from service.model.runner import ModelRunner
 from service.session.observer import SessionObserver
 from service.settings import Settings
@@ -16,3 +17,5 @@ class Runtime:
     batcher: VadBatcher
     models: ModelRunner
     observer: SessionObserver
+    # WebM/Ogg Opus decoding shared by every session; None: FFmpeg decodes them.
+    decoders: DecodePool | None = None

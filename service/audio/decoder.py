@@ -4,6 +4,8 @@ Which path the bytes take:
 
 - declared raw PCM (``fmt`` given): numpy, chunk by chunk (:mod:`service.audio.pcm`);
 - WAV with integer or float PCM: header parsed here (:mod:`service.audio.wav`), then numpy;
+- WebM and Ogg with Opus (what browsers record), with a decode pool: our own demuxers and
+  libopus, in one thread shared by every session (:mod:`service.audio.packets`);
 - anything else, including WAV with other codecs: FFmpeg through PyAV in a thread of its own
   (:mod:`service.audio.container`); MP4 only streams with its index first ("faststart").
 
@@ -16,8 +18,10 @@ import time
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 
+from service.audio import opus
 from service.audio.chunk import AudioChunk, ChunkSink
 from service.audio.container import decode_buffered, decode_streaming
+from service.audio.packets import DecodePool, decode_opus, open_demuxer
 from service.audio.pcm import PcmDecoder, PcmLayout
 from service.audio.resample import ArrayResampler
 from service.audio.sniff import Kind, sniff
@@ -26,6 +30,9 @@ from service.audio.wav import read_header
 from service.audio.writer import ChunkWriter
 from service.config import PcmFormat
 from service.errors import ErrorCode, StreamerError
+
+# FFmpeg demuxer names (as sniffing tells them) of the containers we read ourselves for Opus.
+OPUS_CONTAINERS = ("matroska", "ogg")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +50,7 @@ async def decode(
     send: ChunkSink,
     *,
     on_chunk: Callable[[AudioChunk, float], None] | None = None,
+    pool: DecodePool | None = None,
 ) -> DecodeResult:
     """Decode an upload while it arrives, sending :class:`AudioChunk` objects to ``send``.
 
@@ -57,9 +65,12 @@ async def decode(
 
     ``on_chunk(chunk, busy_s)`` is called for each chunk sent, with the decoding work that
     produced it (for metrics: the decode stage's real-time factor).
+
+    With a ``pool``, WebM and Ogg with Opus are demuxed by us and decoded with libopus in the
+    pool's shared thread (:mod:`service.audio.packets`); without one, by FFmpeg.
     """
     try:
-        return await _decode(source, fmt, send, on_chunk)
+        return await _decode(source, fmt, send, on_chunk, pool)
     finally:
         await send.aclose()
 
@@ -69,6 +80,7 @@ async def _decode(
     fmt: PcmFormat | None,
     send: ChunkSink,
     on_chunk: Callable[[AudioChunk, float], None] | None,
+    pool: DecodePool | None,
 ) -> DecodeResult:
     src = ByteSource(source)
     writer = ChunkWriter(send, on_chunk)
@@ -98,6 +110,13 @@ async def _decode(
         # A WAV codec numpy cannot do (mu-law, ADPCM, ...): FFmpeg reads it from byte 0.
 
     replay = head.replay()
+    if pool is not None and sniffed.demuxer in OPUS_CONTAINERS and opus.available():
+        demuxer, packets, replay = await open_demuxer(src, replay, sniffed.demuxer)
+        if demuxer is not None:
+            info = await decode_opus(src, demuxer, packets, pool, writer)
+            return DecodeResult(
+                src.bytes_in, writer.samples_out, info.channels, info.container, info.codec
+            )
     if sniffed.kind is Kind.MP4_MOOV_AT_END:
         info = await decode_buffered(src, replay, sniffed, writer)
     else:

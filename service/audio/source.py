@@ -56,6 +56,31 @@ class ByteSource:
                 self.bytes_in += len(data)
                 return bytes(data)
 
+    def pull_ready(self) -> bytes | None:
+        """The next non-empty chunk if one is here without waiting (pushed back, or queued in
+        a memory object stream), else ``None``; :attr:`exhausted` tells the end apart."""
+        if self._pushed:
+            return self._pushed.pop()
+        if self._exhausted or self._stream is None:
+            return None
+        while True:
+            try:
+                data = self._stream.receive_nowait()
+            except WouldBlock:
+                return None
+            except EndOfStream:
+                self._exhausted = True
+                return None
+            if data:
+                self.received_at = time.monotonic()
+                self.bytes_in += len(data)
+                return bytes(data)
+
+    @property
+    def exhausted(self) -> bool:
+        """The upload has ended and every chunk of it was pulled."""
+        return self._exhausted and not self._pushed
+
     async def _next(self) -> bytes:
         if self._stream is not None:
             try:

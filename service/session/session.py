@@ -265,7 +265,11 @@ class Session:
                 async with receive:
                     try:
                         self.decode_result = await decode(
-                            receive, self.config.format, sink, on_chunk=self._decoded
+                            receive,
+                            self.config.format,
+                            sink,
+                            on_chunk=self._decoded,
+                            pool=self.runtime.decoders,
                         )
                     except StreamerError as exc:
                         self.error = self.error or exc

@@ -185,3 +185,55 @@ def wav() -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def encode() -> Callable[[np.ndarray, int, str, str], bytes]:
     return encode_with_pyav
+
+
+class _Unseekable:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def encode_opus(
+    samples: np.ndarray, container: str, *, rate: int = 48000, live: bool = False
+) -> bytes:
+    """Encode planar float samples ``(channels, n)`` at ``rate`` as Opus in ``container``
+    ("webm" or "ogg") with FFmpeg's libopus encoder; ``live`` writes WebM as a recorder does
+    (clusters of unknown size, no cues)."""
+    import av
+
+    channels = samples.shape[0]
+    layout = "mono" if channels == 1 else "stereo"
+    # A recorder cannot seek back to fill in sizes: without seek, FFmpeg writes none either.
+    buffer: io.BytesIO | _Unseekable = _Unseekable() if live else io.BytesIO()
+    options = {"live": "1"} if live else {}
+    with av.open(buffer, mode="w", format=container, options=options) as out:
+        stream = out.add_stream("libopus", rate=rate, layout=layout)
+        pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+        step = rate // 50
+        for i in range(0, pcm.shape[1], step):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(pcm[:, i : i + step].T.reshape(1, -1)),
+                format="s16",
+                layout=layout,
+            )
+            frame.sample_rate, frame.pts = rate, i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def ffmpeg_packets(data: bytes) -> list[bytes]:
+    """The audio packets FFmpeg's demuxer finds in ``data`` (first audio stream)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        return [bytes(p) for p in container.demux(stream) if p.size]

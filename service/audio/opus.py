@@ -1,0 +1,197 @@
+"""Opus packets to 16 kHz float32 by calling libopus directly.
+
+WebM and Ogg uploads are almost always Opus (every browser's MediaRecorder), and live they were
+what limited a machine: FFmpeg's demuxers read with blocking ``read()`` calls, so each session
+decoded in a thread of its own, and at ~80 live streams the GIL hand-offs between those threads
+and the event loop took over half the CPU (BENCHMARKS.md). Here the container is parsed by us
+(:mod:`service.audio.webm`, :mod:`service.audio.ogg`) and the packets are decoded with libopus
+in one thread shared by every session (:mod:`service.audio.packets`).
+
+Why libopus through ``ctypes`` rather than FFmpeg's decoder through PyAV:
+
+- libopus decodes straight at 16 kHz, so there is no resampler: 0.65 ms per audio second
+  against 1.86 for FFmpeg's decoder at 48 kHz plus the resampler (speech.webm, one thread);
+- ``ctypes.PyDLL`` keeps the GIL for the call (a packet is tens of microseconds). PyAV releases
+  it three times per packet, and a thread that releases the GIL waits for the busy event loop
+  to give it back (up to the switch interval) every time: with the loop 60% busy, PyAV's decode
+  took 2.6x its CPU in wall time, libopus 1.7x (the loop's own share).
+
+The library is the one PyAV's wheel bundles (FFmpeg links it for its ``libopus`` codec), else
+the system's. Without either, :func:`available` is False and Opus goes to FFmpeg as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import struct
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.audio.chunk import Samples
+from service.config import MODEL_SAMPLE_RATE
+
+OPUS_RATE = 48000  # Opus timestamps (pre-skip, granule positions) are always at 48 kHz
+_RATIO = OPUS_RATE // MODEL_SAMPLE_RATE
+# The longest Opus packet: 120 ms.
+_MAX_FRAME = MODEL_SAMPLE_RATE * 120 // 1000
+_OPUS_SET_GAIN = 4034
+_OPUS_OK = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OpusHead:
+    """The identification header (RFC 7845 section 5.1), in Ogg the first packet and in
+    Matroska the track's CodecPrivate."""
+
+    channels: int
+    pre_skip: int  # samples at 48 kHz to drop from the start of the decoded audio
+    gain_q8: int  # output gain in dB, Q7.8
+    mapping_family: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> OpusHead | None:
+        """None if ``data`` is not an OpusHead this module decodes (it then goes to FFmpeg)."""
+        if len(data) < 19 or not data.startswith(b"OpusHead") or data[8] >> 4 != 0:
+            return None
+        channels, pre_skip, _rate, gain, family = struct.unpack_from("<BHIhB", data, 9)
+        return cls(channels, pre_skip, gain, family)
+
+    @property
+    def supported(self) -> bool:
+        # Family 0 is mono or stereo in one Opus stream (what browsers and ffmpeg write);
+        # surround layouts need libopus's multistream decoder, and are left to FFmpeg.
+        return self.mapping_family == 0 and self.channels in (1, 2)
+
+
+class OpusError(Exception):
+    """libopus rejected a packet (it is skipped, as FFmpeg skips a damaged packet)."""
+
+
+@functools.cache
+def _library() -> ctypes.PyDLL | None:
+    for path in _candidates():
+        try:
+            lib = ctypes.PyDLL(path)
+            lib.opus_decoder_create.restype = ctypes.c_void_p
+            lib.opus_decoder_create.argtypes = [
+                ctypes.c_int32,
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_int),
+            ]
+            lib.opus_decode_float.restype = ctypes.c_int
+            lib.opus_decode_float.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_int32,
+                ctypes.c_void_p,
+                ctypes.c_int,
+                ctypes.c_int,
+            ]
+            lib.opus_decoder_destroy.restype = None
+            lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
+            lib.opus_decoder_ctl.restype = ctypes.c_int
+            lib.opus_strerror.restype = ctypes.c_char_p
+            lib.opus_strerror.argtypes = [ctypes.c_int]
+        except (OSError, AttributeError):
+            continue
+        return lib
+    return None
+
+
+def _candidates() -> list[str]:
+    import av  # where PyAV's wheel keeps its bundled libraries
+
+    site = Path(av.__file__).resolve().parent
+    bundled = [
+        *sorted(site.parent.glob("av.libs/libopus*.so*")),  # manylinux wheels
+        *sorted(site.glob(".dylibs/libopus*.dylib")),  # macOS wheels
+    ]
+    found = ctypes.util.find_library("opus")
+    return [str(p) for p in bundled] + ([found] if found else [])
+
+
+def available() -> bool:
+    """Whether libopus can be loaded (once; later calls are free)."""
+    return _library() is not None
+
+
+class OpusDecoder:
+    """One Opus stream's decoder state; used by one thread at a time.
+
+    Output is planar float32 ``(channels, n)`` at 16 kHz with the header's pre-skip removed
+    and its output gain applied. The libopus state (~18 KB mono) is freed with the object.
+    """
+
+    def __init__(self, head: OpusHead) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("libopus is not available")
+        if not head.supported:
+            raise ValueError(f"unsupported Opus layout: {head}")
+        error = ctypes.c_int()
+        state = lib.opus_decoder_create(MODEL_SAMPLE_RATE, head.channels, ctypes.byref(error))
+        if error.value != _OPUS_OK or not state:
+            raise RuntimeError(f"opus_decoder_create failed: {_strerror(lib, error.value)}")
+        weakref.finalize(self, lib.opus_decoder_destroy, state)
+        if head.gain_q8:
+            lib.opus_decoder_ctl(ctypes.c_void_p(state), _OPUS_SET_GAIN, ctypes.c_int(head.gain_q8))
+        self._lib = lib
+        self._state = state
+        self.channels = head.channels
+        self._buffer = np.empty(_MAX_FRAME * head.channels, np.float32)
+        self._pointer = self._buffer.ctypes.data
+        # Still to drop from the start, in 16 kHz samples (pre-skip is counted at 48 kHz).
+        self._skip = -(-head.pre_skip // _RATIO)
+
+    def decode(self, packet: bytes, trim_end: int = 0) -> Samples:
+        """Decode one packet; ``trim_end`` samples (at 48 kHz) are dropped from its end (the
+        container's end padding). Raises :class:`OpusError` for a packet libopus rejects."""
+        n = self._lib.opus_decode_float(
+            self._state, packet, len(packet), self._pointer, _MAX_FRAME, 0
+        )
+        if n < 0:
+            raise OpusError(_strerror(self._lib, n))
+        samples = self._buffer[: n * self.channels].reshape(n, self.channels).T
+        if trim_end > 0:
+            samples = samples[:, : max(0, n - trim_end // _RATIO)]
+        if self._skip:
+            drop = min(self._skip, samples.shape[1])
+            self._skip -= drop
+            samples = samples[:, drop:]
+        # A copy: the buffer is reused by the next packet.
+        return np.array(samples, dtype=np.float32, order="C")
+
+
+def _strerror(lib: ctypes.PyDLL, code: int) -> str:
+    message: bytes | None = lib.opus_strerror(code)
+    return message.decode() if message else f"error {code}"
+
+
+def packet_samples(packet: bytes) -> int:
+    """Samples (at 48 kHz) that an Opus packet decodes to, from its TOC byte (RFC 6716 3.1);
+    0 for a malformed packet. Ogg end trimming needs it before decoding."""
+    if not packet:
+        return 0
+    toc = packet[0]
+    config = toc >> 3
+    if config < 12:  # SILK: 10, 20, 40, 60 ms
+        per_frame = (480, 960, 1920, 2880)[config & 3]
+    elif config < 16:  # hybrid: 10, 20 ms
+        per_frame = (480, 960)[config & 1]
+    else:  # CELT: 2.5, 5, 10, 20 ms
+        per_frame = (120, 240, 480, 960)[config & 3]
+    code = toc & 3
+    if code == 0:
+        frames = 1
+    elif code in (1, 2):
+        frames = 2
+    elif len(packet) < 2:
+        return 0
+    else:
+        frames = packet[1] & 0x3F
+    return per_frame * frames

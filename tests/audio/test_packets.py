@@ -1,0 +1,135 @@
+"""WebM/Ogg Opus through the shared decode pool, as sessions use it."""
+
+from __future__ import annotations
+
+import io
+
+import anyio
+import av
+import numpy as np
+import pytest
+from conftest import DATA, SPEECH_SAMPLES, Decoded, _pieces, split
+
+from service.audio.chunk import AudioChunk
+from service.audio.decoder import decode
+from service.audio.opus import available
+from service.audio.packets import DecodePool
+from service.errors import ErrorCode, StreamerError
+
+pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not available(), reason="libopus not found")]
+
+
+async def run(pool: DecodePool | None, pieces: list[bytes]) -> Decoded:
+    send, receive = anyio.create_memory_object_stream[AudioChunk](4)
+    out = Decoded(None, None)
+
+    async def collect() -> None:
+        async with receive:
+            async for chunk in receive:
+                out.chunks.append(chunk)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect)
+        try:
+            out.result = await decode(_pieces(pieces), None, send, pool=pool)
+        except StreamerError as exc:
+            out.error = exc
+    return out
+
+
+async def with_pool(*uploads: list[bytes]) -> tuple[DecodePool, list[Decoded]]:
+    pool = DecodePool()
+    results: list[Decoded] = [Decoded(None, None)] * len(uploads)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run)
+
+            async def one(i: int) -> None:
+                results[i] = await run(pool, uploads[i])
+
+            async with anyio.create_task_group() as sessions:
+                for i in range(len(uploads)):
+                    sessions.start_soon(one, i)
+            tg.cancel_scope.cancel()
+    return pool, results
+
+
+@pytest.mark.parametrize("name", ["speech.webm", "speech.ogg"])
+async def test_a_pool_decodes_what_ffmpeg_decodes(name: str) -> None:
+    data = (DATA / name).read_bytes()
+    pool, [ours] = await with_pool(split(data, 300))
+    with anyio.fail_after(20):
+        ffmpeg = await run(None, split(data, 300))
+    assert ours.error is None and ffmpeg.error is None
+    ours.assert_contiguous()
+    assert ours.result is not None and ffmpeg.result is not None
+    assert (ours.result.container, ours.result.codec) == (ffmpeg.result.container, "opus")
+    assert ours.result.bytes_in == len(data) and ours.result.channels == 1
+    assert ours.frames == SPEECH_SAMPLES
+    assert pool.jobs > 1  # it went through the pool, chunk by chunk
+
+
+async def test_sessions_share_batches() -> None:
+    data = (DATA / "speech.webm").read_bytes()
+    pool, results = await with_pool(*[split(data, 200) for _ in range(20)])
+    assert all(r.error is None and r.frames == SPEECH_SAMPLES for r in results)
+    # 20 sessions decoding at once: each thread hop takes several of them.
+    assert pool.batches < pool.jobs / 2
+
+
+async def test_other_codecs_still_go_to_ffmpeg() -> None:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="matroska") as out:
+        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.int16), format="s16")
+        frame.sample_rate, frame.pts = 16000, 0
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    pieces = split(buffer.getvalue(), 1000)
+    pool, [decoded] = await with_pool(pieces)
+    with anyio.fail_after(20):
+        ffmpeg = await run(None, pieces)
+    assert decoded.error is None and decoded.result is not None
+    assert (decoded.result.container, decoded.result.codec) == ("mkv", "pcm_s16le")
+    # Every byte our demuxer read while deciding went to FFmpeg too.
+    assert decoded.result == ffmpeg.result and decoded.frames == ffmpeg.frames > 0
+    assert pool.jobs == 0
+
+
+async def test_a_damaged_container_is_reported_after_the_audio_before_it() -> None:
+    data = (DATA / "speech.webm").read_bytes()
+    cut = len(data) // 2
+    _, [decoded] = await with_pool(split(data[:cut] + b"\x00" * 64 + data[cut:], 500))
+    assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
+    assert "webm container is damaged" in decoded.error.message
+    assert SPEECH_SAMPLES * 0.4 < decoded.frames < SPEECH_SAMPLES * 0.6
+
+
+async def test_a_run_of_bad_packets_stops_decoding_with_an_error() -> None:
+    data = bytearray((DATA / "speech.ogg").read_bytes())
+    # Overwrite the audio pages' packet bytes (leaving page headers alone) with a TOC whose
+    # frame count libopus rejects.
+    pos = data.index(b"OggS", data.index(b"OpusTags"))
+    while pos < len(data):
+        count = data[pos + 26]
+        body = pos + 27 + count
+        size = sum(data[pos + 27 : body])
+        data[body : body + size] = b"\xff" * size
+        pos = body + size
+    _, [decoded] = await with_pool(split(bytes(data), 4096))
+    assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
+    assert "decoding stopped" in decoded.error.message
+    assert decoded.frames == 0
+
+
+async def test_cancelling_a_waiting_session_leaves_the_pool_serving_others() -> None:
+    data = (DATA / "speech.webm").read_bytes()
+    pool = DecodePool()
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run)
+            with anyio.move_on_after(0.01):
+                await run(pool, split(data, 50))
+            other = await run(pool, split(data, 500))
+            tg.cancel_scope.cancel()
+    assert other.error is None and other.frames == SPEECH_SAMPLES
