@@ -194,3 +194,31 @@ async def test_second_upload_to_a_session_conflicts(server: Server) -> None:
         again = await client.post(created["audio_url"], content=b"RIFF")
         assert again.status_code == 409
         assert again.json()["error"]["code"] == "session_ended"
+
+
+@pytest.fixture(scope="module")
+def ffmpeg_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.conftest import start_server, stop_server
+
+    s = start_server(tmp_path_factory.mktemp("ffmpeg"), env={"STREAMER_OPUS_DECODER": "ffmpeg"})
+    yield s
+    stop_server(s)
+
+
+@pytest.mark.parametrize("name", ["speech.webm", "speech.ogg"])
+async def test_opus_gives_the_same_segments_through_libopus_and_through_ffmpeg(
+    server: Server, ffmpeg_server: Server, name: str
+) -> None:
+    # The default server demuxes WebM/Ogg itself and decodes with libopus in its shared decode
+    # thread; the other uses PyAV in a thread per session. Two decoders, one speech.
+    ours, ours_events = await run_session(server, DATA / name)
+    theirs, theirs_events = await run_session(ffmpeg_server, DATA / name)
+    for upload in (ours, theirs):
+        assert upload.status_code == 200, upload.text
+    a, b = ours.json(), theirs.json()
+    assert (a["container"], a["codec"], a["channels"]) == (b["container"], b["codec"], 1)
+    assert a["audio_seconds"] == pytest.approx(b["audio_seconds"], abs=0.01)
+    ours_spans, theirs_spans = spans(ours_events), spans(theirs_events)
+    assert len(ours_spans) == len(theirs_spans) == 3
+    for (s1, e1), (s2, e2) in zip(ours_spans, theirs_spans, strict=True):
+        assert s1 == pytest.approx(s2, abs=0.033) and e1 == pytest.approx(e2, abs=0.033)
