@@ -41,10 +41,9 @@ class ByteSource:
 
     async def pull(self) -> bytes | None:
         """The next non-empty chunk (pushed-back bytes first), or ``None`` at the end."""
-        if self._pushed:
-            return self._pushed.pop()
-        if self._exhausted:
-            return None
+        data = self.pull_ready()
+        if data is not None or self._exhausted:
+            return data
         while True:
             try:
                 data = await self._next()
@@ -52,9 +51,7 @@ class ByteSource:
                 self._exhausted = True
                 return None
             if data:
-                self.received_at = time.monotonic()
-                self.bytes_in += len(data)
-                return bytes(data)
+                return self._arrived(data)
 
     def pull_ready(self) -> bytes | None:
         """The next non-empty chunk if one is here without waiting (pushed back, or queued in
@@ -72,21 +69,23 @@ class ByteSource:
                 self._exhausted = True
                 return None
             if data:
-                self.received_at = time.monotonic()
-                self.bytes_in += len(data)
-                return bytes(data)
+                return self._arrived(data)
 
     @property
     def exhausted(self) -> bool:
         """The upload has ended and every chunk of it was pulled."""
         return self._exhausted and not self._pushed
 
+    def _arrived(self, data: bytes) -> bytes:
+        self.received_at = time.monotonic()
+        self.bytes_in += len(data)
+        return bytes(data)
+
     async def _next(self) -> bytes:
+        # A memory object stream was already tried without a wait (pull_ready): anyio's
+        # ``receive`` always yields to the loop first, so a ready chunk is taken without it.
         if self._stream is not None:
-            try:
-                return self._stream.receive_nowait()
-            except WouldBlock:
-                return await self._stream.receive()
+            return await self._stream.receive()
         return await anext(self._it)
 
     def push_back(self, data: bytes) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from service.audio.chunk import AudioChunk
 from service.audio.decoder import DecodeResult, decode
+from service.audio.packets import DecodePool
 from service.config import PcmFormat
 from service.errors import StreamerError
 
@@ -64,7 +65,9 @@ async def _pieces(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
         await anyio.lowlevel.checkpoint()
 
 
-async def decode_pieces(pieces: Iterable[bytes], fmt: PcmFormat | None = None) -> Decoded:
+async def decode_pieces(
+    pieces: Iterable[bytes], fmt: PcmFormat | None = None, pool: DecodePool | None = None
+) -> Decoded:
     """Run ``decode`` over the given byte pieces, collecting every chunk and the outcome."""
     send, receive = anyio.create_memory_object_stream[AudioChunk](4)
     out = Decoded(None, None)
@@ -78,7 +81,7 @@ async def decode_pieces(pieces: Iterable[bytes], fmt: PcmFormat | None = None) -
         async with anyio.create_task_group() as tg:
             tg.start_soon(collect)
             try:
-                out.result = await decode(_pieces(pieces), fmt, send)
+                out.result = await decode(_pieces(pieces), fmt, send, pool=pool)
             except StreamerError as exc:
                 out.error = exc
     return out

@@ -8,33 +8,17 @@ import anyio
 import av
 import numpy as np
 import pytest
-from conftest import DATA, SPEECH_SAMPLES, Decoded, _pieces, split
+from conftest import DATA, SPEECH_SAMPLES, Decoded, decode_pieces, split
 
-from service.audio.chunk import AudioChunk
-from service.audio.decoder import decode
 from service.audio.opus import available
 from service.audio.packets import DecodePool
-from service.errors import ErrorCode, StreamerError
+from service.errors import ErrorCode
 
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not available(), reason="libopus not found")]
 
 
 async def run(pool: DecodePool | None, pieces: list[bytes]) -> Decoded:
-    send, receive = anyio.create_memory_object_stream[AudioChunk](4)
-    out = Decoded(None, None)
-
-    async def collect() -> None:
-        async with receive:
-            async for chunk in receive:
-                out.chunks.append(chunk)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(collect)
-        try:
-            out.result = await decode(_pieces(pieces), None, send, pool=pool)
-        except StreamerError as exc:
-            out.error = exc
-    return out
+    return await decode_pieces(pieces, pool=pool)
 
 
 async def with_pool(*uploads: list[bytes]) -> tuple[DecodePool, list[Decoded]]:
