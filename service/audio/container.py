@@ -111,6 +111,32 @@ def container_name(format_name: str, head: bytes) -> str:
     return format_name.split(",")[0]
 
 
+def decode_failure(
+    name: str,
+    codec: str,
+    where: str,
+    *,
+    damage: str | None,
+    errors: int,
+    reason: str,
+    stopped: bool,
+) -> StreamerError:
+    """``decode_failed`` in one wording for every decoder: the container damaged ``where``
+    (``damage`` says how), else ``errors`` packets failed (the first for ``reason``), and with
+    ``stopped`` so many in a row that decoding gave up ``where``."""
+    if damage is not None:
+        return StreamerError(
+            ErrorCode.DECODE_FAILED, f"the {name} container is damaged {where}: {damage}"
+        )
+    packets = f"{errors} {codec} packet{'s' if errors != 1 else ''} of the {name} stream"
+    message = (
+        f"{packets} failed to decode ({reason}); decoding stopped {where}"
+        if stopped
+        else f"{packets} failed to decode and were skipped ({reason})"
+    )
+    return StreamerError(ErrorCode.DECODE_FAILED, message)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, av.FFmpegError) and exc.strerror:
         return str(exc.strerror)
@@ -276,18 +302,15 @@ class _FrameDecoder:
                 f"could not identify an audio container: FFmpeg guessed {name}/{codec} but "
                 f"could not decode any of it ({_reason(failure)})",
             )
-        where = f"after {reader.bytes_read} bytes"
-        if demux_error is not None:
-            message = f"the {name} container is damaged {where}: {_reason(demux_error)}"
-        else:
-            message = (
-                f"{errors} {codec} packet{'s' if errors != 1 else ''} of the {name} stream "
-                f"failed to decode ({_reason(failure)}); decoding stopped {where}"
-                if consecutive >= MAX_CONSECUTIVE_ERRORS
-                else f"{errors} {codec} packet{'s' if errors != 1 else ''} of the {name} stream "
-                f"failed to decode and were skipped ({_reason(failure)})"
-            )
-        raise StreamerError(ErrorCode.DECODE_FAILED, message)
+        raise decode_failure(
+            name,
+            codec,
+            f"after {reader.bytes_read} bytes",
+            damage=None if demux_error is None else _reason(demux_error),
+            errors=errors,
+            reason=_reason(failure),
+            stopped=consecutive >= MAX_CONSECUTIVE_ERRORS,
+        )
 
     def _flush(self, final: bool = False) -> None:
         samples = self._batch.take(final)

@@ -14,7 +14,6 @@ upload; while it waits, further upload chunks wait in the upload's bounded strea
 from __future__ import annotations
 
 import functools
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,16 +24,13 @@ import anyio.to_thread
 import numpy as np
 
 from service.audio.chunk import Samples
-from service.audio.container import StreamInfo
+from service.audio.container import MAX_CONSECUTIVE_ERRORS, StreamInfo, decode_failure
 from service.audio.demux import Demuxer, DemuxError, Packet
 from service.audio.ogg import OggDemuxer
 from service.audio.opus import OpusDecoder, OpusError
 from service.audio.source import ByteSource
 from service.audio.webm import WebmDemuxer
 from service.audio.writer import ChunkWriter
-from service.errors import ErrorCode, StreamerError
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -42,8 +38,6 @@ T = TypeVar("T")
 # session's request holds the shared thread for a few milliseconds at most (64 KiB of Opus at
 # 32 kbit/s is 16 s of audio, ~10 ms to decode) and live sessions' requests are not held up.
 MAX_JOB_BYTES = 64 * 1024
-# As in the FFmpeg path: a run of packets that all fail to decode means garbage.
-MAX_CONSECUTIVE_ERRORS = 32
 
 
 class _Job(Generic[T]):
@@ -140,7 +134,6 @@ class _OpusStream:
         assert demuxer.head is not None
         self.demuxer = demuxer
         self.decoder = OpusDecoder(demuxer.head)
-        self.decoded = 0
         self.errors = 0
         self.consecutive = 0
         self.first_error: OpusError | None = None
@@ -167,7 +160,6 @@ class _OpusStream:
                     break
                 continue
             self.consecutive = 0
-            self.decoded += samples.shape[1]
             parts.append(samples)
         stop = self.demux_error is not None or self.consecutive >= MAX_CONSECUTIVE_ERRORS
         joined = np.concatenate(parts, axis=1) if parts else None
@@ -175,26 +167,17 @@ class _OpusStream:
 
     def check(self, where: str) -> None:
         """Raise what went wrong, as the FFmpeg path words it."""
-        name = self.demuxer.container
-        if self.demux_error is not None:
-            raise StreamerError(
-                ErrorCode.DECODE_FAILED,
-                f"the {name} container is damaged {where}: {self.demux_error}",
-            )
-        if self.first_error is None:
+        if self.demux_error is None and self.first_error is None:
             return
-        packets = f"{self.errors} opus packet{'s' if self.errors != 1 else ''}"
-        if self.consecutive >= MAX_CONSECUTIVE_ERRORS:
-            message = (
-                f"{packets} of the {name} stream failed to decode ({self.first_error}); "
-                f"decoding stopped {where}"
-            )
-        else:
-            message = (
-                f"{packets} of the {name} stream failed to decode and were skipped "
-                f"({self.first_error})"
-            )
-        raise StreamerError(ErrorCode.DECODE_FAILED, message)
+        raise decode_failure(
+            self.demuxer.container,
+            "opus",
+            where,
+            damage=None if self.demux_error is None else str(self.demux_error),
+            errors=self.errors,
+            reason=str(self.first_error),
+            stopped=self.consecutive >= MAX_CONSECUTIVE_ERRORS,
+        )
 
 
 async def open_demuxer(

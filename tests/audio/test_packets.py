@@ -17,10 +17,6 @@ from service.errors import ErrorCode
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not available(), reason="libopus not found")]
 
 
-async def run(pool: DecodePool | None, pieces: list[bytes]) -> Decoded:
-    return await decode_pieces(pieces, pool=pool)
-
-
 async def with_pool(*uploads: list[bytes]) -> tuple[DecodePool, list[Decoded]]:
     pool = DecodePool()
     results: list[Decoded] = [Decoded(None, None)] * len(uploads)
@@ -29,7 +25,7 @@ async def with_pool(*uploads: list[bytes]) -> tuple[DecodePool, list[Decoded]]:
             tg.start_soon(pool.run)
 
             async def one(i: int) -> None:
-                results[i] = await run(pool, uploads[i])
+                results[i] = await decode_pieces(uploads[i], pool=pool)
 
             async with anyio.create_task_group() as sessions:
                 for i in range(len(uploads)):
@@ -43,7 +39,7 @@ async def test_a_pool_decodes_what_ffmpeg_decodes(name: str) -> None:
     data = (DATA / name).read_bytes()
     pool, [ours] = await with_pool(split(data, 300))
     with anyio.fail_after(20):
-        ffmpeg = await run(None, split(data, 300))
+        ffmpeg = await decode_pieces(split(data, 300))
     assert ours.error is None and ffmpeg.error is None
     ours.assert_contiguous()
     assert ours.result is not None and ffmpeg.result is not None
@@ -72,7 +68,7 @@ async def test_other_codecs_still_go_to_ffmpeg() -> None:
     pieces = split(buffer.getvalue(), 1000)
     pool, [decoded] = await with_pool(pieces)
     with anyio.fail_after(20):
-        ffmpeg = await run(None, pieces)
+        ffmpeg = await decode_pieces(pieces)
     assert decoded.error is None and decoded.result is not None
     assert (decoded.result.container, decoded.result.codec) == ("mkv", "pcm_s16le")
     # Every byte our demuxer read while deciding went to FFmpeg too.
@@ -113,7 +109,7 @@ async def test_cancelling_a_waiting_session_leaves_the_pool_serving_others() -> 
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.run)
             with anyio.move_on_after(0.01):
-                await run(pool, split(data, 50))
-            other = await run(pool, split(data, 500))
+                await decode_pieces(split(data, 50), pool=pool)
+            other = await decode_pieces(split(data, 500), pool=pool)
             tg.cancel_scope.cancel()
     assert other.error is None and other.frames == SPEECH_SAMPLES
