@@ -25,7 +25,7 @@ from service.audio.packets import DecodePool, decode_opus, open_demuxer
 from service.audio.pcm import PcmDecoder, PcmLayout
 from service.audio.resample import ArrayResampler
 from service.audio.sniff import Kind, sniff
-from service.audio.source import ByteSource, Head
+from service.audio.source import ByteSource, Doorbell, Head
 from service.audio.wav import read_header
 from service.audio.writer import ChunkWriter
 from service.config import PcmFormat
@@ -51,6 +51,7 @@ async def decode(
     *,
     on_chunk: Callable[[AudioChunk, float], None] | None = None,
     pool: DecodePool | None = None,
+    bell: Doorbell | None = None,
 ) -> DecodeResult:
     """Decode an upload while it arrives, sending :class:`AudioChunk` objects to ``send``.
 
@@ -68,9 +69,12 @@ async def decode(
 
     With a ``pool``, WebM and Ogg with Opus are demuxed by us and decoded with libopus in the
     pool's shared thread (:mod:`service.audio.packets`); without one, by FFmpeg.
+
+    ``bell``: the :class:`Doorbell` that the sender of ``source`` (a memory object stream) rings
+    after each chunk and on close; the decoder then waits on it instead of on the stream.
     """
     try:
-        return await _decode(source, fmt, send, on_chunk, pool)
+        return await _decode(source, fmt, send, on_chunk, pool, bell)
     finally:
         await send.aclose()
 
@@ -81,8 +85,9 @@ async def _decode(
     send: ChunkSink,
     on_chunk: Callable[[AudioChunk, float], None] | None,
     pool: DecodePool | None,
+    bell: Doorbell | None,
 ) -> DecodeResult:
-    src = ByteSource(source)
+    src = ByteSource(source, bell)
     writer = ChunkWriter(send, on_chunk)
     if fmt is not None:
         layout = _raw_layout(fmt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 
+import anyio
 from anyio import EndOfStream, WouldBlock
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -20,20 +21,52 @@ from service.errors import ErrorCode, StreamerError
 MAX_HEAD_BYTES = 1 << 20
 
 
+class Doorbell:
+    """Wakes the one task waiting for a memory object stream (the decoder) when its sender has
+    queued a chunk or closed; the sender rings after each.
+
+    Waiting on the stream itself (``receive``) first yields to the loop, then builds an event,
+    a receiver record with the task's info, and an exception; woken, the sender checks the
+    receiver for cancellation. That hand-off measured 16 us per chunk against 3 us for this
+    bell plus ``receive_nowait`` (300 streams, one chunk each per round): at hundreds of live
+    streams x 10 chunks a second it was the largest single cost of the decoder's task.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def ring(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self) -> None:
+        """Until the next :meth:`ring`. The caller checks the stream first, with no await in
+        between, so a ring cannot fall between the check and this wait."""
+        self._event = event = anyio.Event()
+        await event.wait()
+
+
 class ByteSource:
     """Pulls non-empty byte chunks from an async iterable, one task at a time.
 
     ``received_at`` is the ``time.monotonic()`` at which the most recent chunk arrived: the bytes
     that complete any audio decoded so far arrived no later than that.
+
+    With a memory object stream and the :class:`Doorbell` its sender rings, a wait for the next
+    chunk is the bell's, not the stream's ``receive``.
     """
 
-    def __init__(self, source: AsyncIterable[bytes]) -> None:
+    def __init__(self, source: AsyncIterable[bytes], bell: Doorbell | None = None) -> None:
         self._it: AsyncIterator[bytes] = aiter(source)
         # A memory object stream is read without a wait when it has a chunk ready (the usual
         # case for a fast upload): ``receive`` always yields to the loop first.
         self._stream: MemoryObjectReceiveStream[bytes] | None = (
             source if isinstance(source, MemoryObjectReceiveStream) else None
         )
+        self._bell = bell if self._stream is not None else None
         self._pushed: list[bytes] = []
         self._exhausted = False
         self.bytes_in = 0
@@ -42,6 +75,9 @@ class ByteSource:
     async def pull(self) -> bytes | None:
         """The next non-empty chunk (pushed-back bytes first), or ``None`` at the end."""
         data = self.pull_ready()
+        while data is None and not self._exhausted and self._bell is not None:
+            await self._bell.wait()
+            data = self.pull_ready()
         if data is not None or self._exhausted:
             return data
         while True:

@@ -21,6 +21,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from service.audio.chunk import AudioChunk, ChunkSink
 from service.audio.decoder import DecodeResult, decode
+from service.audio.source import Doorbell
 from service.config import MODEL_SAMPLE_RATE, PcmFormat, SessionConfig, config_to_dict
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.log import EventLog
@@ -107,6 +108,8 @@ class Session:
         # stopped early): transports stop reading their client instead of waiting for it.
         self.input_closed = anyio.Event()
         self._input: MemoryObjectSendStream[bytes] | None = None
+        # Rung after every chunk queued on _input and when it closes: the decoder waits on it.
+        self._arrivals = Doorbell()
         self._input_reason: EndReason | None = None
         self._cancel_reason: EndReason | None = None
         self._scope: anyio.CancelScope | None = None
@@ -177,6 +180,7 @@ class Session:
                 # Without waiting when there is room: ``send`` would first yield to the loop,
                 # a task switch per chunk that buys nothing here.
                 self._input.send_nowait(data)
+                self._arrivals.ring()
             except anyio.WouldBlock:
                 # The pipeline is behind. This chunk was received, so it must reach it: neither
                 # the input closing meanwhile (shutdown, the transport giving up on its client)
@@ -190,6 +194,7 @@ class Session:
                     self._sending = False
                     if self._input_reason is not None:
                         self._input.close()  # closed while this chunk waited: close now
+                    self._arrivals.ring()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise InputClosed from None
 
@@ -199,6 +204,7 @@ class Session:
             self._input_reason = reason
         if self._input is not None and not self._sending:
             self._input.close()  # else once the chunk in hand-off is delivered (_send)
+            self._arrivals.ring()
         self.input_closed.set()
 
     async def fail_input(self, error: StreamerError, reason: EndReason) -> None:
@@ -270,6 +276,7 @@ class Session:
                             sink,
                             on_chunk=self._decoded,
                             pool=self.runtime.decoders,
+                            bell=self._arrivals,
                         )
                     except StreamerError as exc:
                         self.error = self.error or exc

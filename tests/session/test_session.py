@@ -6,6 +6,7 @@ import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from service.audio.source import ByteSource
 from service.config import SessionConfig
 from service.runtime import Runtime
 from service.session.observer import SessionObserver
@@ -73,4 +74,23 @@ async def test_a_cancelled_writer_still_delivers_the_chunk_it_was_handing_over()
             writer.cancel()
             session.close_input(EndReason.CLIENT_DISCONNECTED)
             got = [item async for item in receive]
+    assert got == [b"x"] * filled + [b"late"]
+
+
+async def test_a_decoder_waiting_on_the_bell_gets_the_chunk_a_blocked_write_delivers() -> None:
+    """The decoder waits on the session's doorbell, not on the stream. A write that waited for
+    room and then closed the input (closed meanwhile) must ring, or the decoder sleeps forever
+    with that chunk and the end of input queued."""
+    session, receive = _session()
+    src = ByteSource(receive, session._arrivals)
+    got: list[bytes] = []
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            filled = _fill(session)
+            tg.start_soon(session.write, b"late")
+            await anyio.wait_all_tasks_blocked()
+            session.close_input(EndReason.SHUTDOWN)  # the write is in hand-off: it closes
+            while (data := await src.pull()) is not None:
+                got.append(data)
+    receive.close()
     assert got == [b"x"] * filled + [b"late"]
