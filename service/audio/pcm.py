@@ -61,7 +61,10 @@ def to_float32(data: bytes | bytearray | memoryview, layout: PcmLayout) -> Sampl
         flat = padded.view("<i4").reshape(-1).astype(np.float32) / np.float32(2**31)
     else:
         ints = np.frombuffer(data, "<i2" if layout.width == 2 else "<i4")
-        flat = ints.astype(np.float32) / np.float32(2 ** (8 * layout.width - 1))
+        flat = ints.astype(np.float32)
+        flat *= np.float32(1 / 2 ** (8 * layout.width - 1))  # in place: one array, not two
+    if layout.channels == 1:
+        return flat.reshape(1, n)  # already one contiguous row
     # Deinterleave: frames are rows, channels columns; the consumer wants one row per channel.
     return np.ascontiguousarray(flat.reshape(n, layout.channels).T, dtype=np.float32)
 

@@ -169,7 +169,7 @@ def _check(requests: Sequence[tuple[VadStream, Floats]]) -> list[StreamFrames]:
         if array.ndim != 2 or array.shape[1] != FRAME:
             raise ValueError(f"frames must have shape (k, {FRAME}), got {array.shape}")
         checked.append((stream, array))
-    if len({id(stream) for stream, _ in checked}) != len(checked):
+    if len(checked) > 1 and len({id(stream) for stream, _ in checked}) != len(checked):
         raise ValueError("a stream appears twice in one request")
     return checked
 
@@ -247,7 +247,10 @@ class VadBatcher:
         if not self._running:
             raise RuntimeError("the VAD batcher is not running")
         items = _check(requests)
-        if not any(len(frames) for _, frames in items):
+        for _, frames in items:
+            if len(frames):
+                break
+        else:  # nothing to run (a plain loop: a generator here is per live chunk)
             done([np.zeros(0, dtype=np.float32) for _ in items], None)
             return
         self._pending.append(_Request(items, done))

@@ -37,6 +37,9 @@ from service.config import MODEL_SAMPLE_RATE, VadParams
 from service.vad.silero import FRAME
 from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
 
+# Up to this many frames, skip counts in Python (a live chunk is a few frames); beyond, numpy.
+FEW_FRAMES = 16
+
 
 def ms_to_samples(ms: int) -> int:
     return ms * MODEL_SAMPLE_RATE // 1000
@@ -208,10 +211,48 @@ class Segmenter:
         k = len(frames)
         if self._closed or k == 0 or (self._in_speech and not self._confirmed):
             return 0  # a candidate is short (min_speech): frame by frame
+        if k <= FEW_FRAMES:
+            take, silent_run = self._count_few(probs[:k].tolist(), until)
+        else:
+            take, silent_run = self._count_many(probs[:k], until)
+        if take == 0:
+            return 0
+        n = take * FRAME
+        self._position += n
+        self._silent_run = silent_run
+        if self._in_speech:
+            self._speech_time += n
+            self._audio.append(frames[:take].reshape(-1))
+        else:
+            keep_from = max(self._position - self._pad, self._previous_end)
+            self._audio.append_keeping(frames[:take].reshape(-1), keep_from)
+        return take
+
+    def _count_few(self, probs: list[float], until: int | None) -> tuple[int, int]:
+        """``skip``'s count and the silent run after it, frame by frame in Python: for a live
+        chunk's few frames, cheaper than the numpy calls of :meth:`_count_many`."""
+        p = self.params
+        speaking = self._in_speech
+        position, run, take = self._position, self._silent_run, 0
+        for prob in probs:
+            end = position + FRAME
+            if not speaking and prob > p.positive_threshold:
+                break  # opens a candidate
+            next_run = run + FRAME if prob < p.negative_threshold else 0
+            if speaking and (next_run > self._redemption or end - self._start >= self._max_segment):
+                break  # ends or cuts the utterance
+            if until is not None and end >= until:
+                break
+            position, run, take = end, next_run, take + 1
+        return take, run
+
+    def _count_many(self, probs: npt.NDArray[np.floating], until: int | None) -> tuple[int, int]:
+        """``skip``'s count and the silent run after it, with numpy over a long run."""
+        k = len(probs)
         p = self.params
         # In float64, as push compares Python floats: a float32 comparison could differ at
         # the threshold itself.
-        prob = np.asarray(probs[:k], dtype=np.float64)
+        prob = np.asarray(probs, dtype=np.float64)
         runs = self._silent_runs(prob < p.negative_threshold)
         position = self._position
         if not self._in_speech:
@@ -227,18 +268,7 @@ class Segmenter:
             take = min(take, max(cut, 0))
         if until is not None:
             take = min(take, max(0, -(-(until - position) // FRAME) - 1))
-        if take == 0:
-            return 0
-        n = take * FRAME
-        self._position = position + n
-        self._silent_run = int(runs[take - 1])
-        if self._in_speech:
-            self._speech_time += n
-            self._audio.append(frames[:take].reshape(-1))
-        else:
-            keep_from = max(self._position - self._pad, self._previous_end)
-            self._audio.append_keeping(frames[:take].reshape(-1), keep_from)
-        return take
+        return take, (int(runs[take - 1]) if take else self._silent_run)
 
     def _silent_runs(self, silent: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
         """The silent run (samples) after each of these whole frames, as ``push`` counts it."""

@@ -30,9 +30,10 @@ from service.vad.segmenter import Segmenter
 from service.vad.silero import FRAME, Floats, VadStream
 from service.vad.speech import SpeechAudio, SpeechStarted, VadOutput
 
-# Below this many frames in a batch (a live stream's chunk is a few), pushing frame by frame
-# is cheaper than the numpy calls that find a run to skip.
-SKIP_MIN_FRAMES = 8
+# Runs of at least this many frames go to Segmenter.skip at once rather than frame by frame.
+# Even one frame: skip counts a live chunk's few frames in plain Python and appends its audio
+# in one copy, where push costs a list, two window updates and the checks per frame.
+SKIP_MIN_FRAMES = 1
 
 
 @dataclass(frozen=True, slots=True)
