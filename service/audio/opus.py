@@ -11,10 +11,14 @@ Why libopus through ``ctypes`` rather than FFmpeg's decoder through PyAV:
 
 - libopus decodes straight at 16 kHz, so there is no resampler: 0.65 ms per audio second
   against 1.86 for FFmpeg's decoder at 48 kHz plus the resampler (speech.webm, one thread);
-- ``ctypes.PyDLL`` keeps the GIL for the call (a packet is tens of microseconds). PyAV releases
-  it three times per packet, and a thread that releases the GIL waits for the busy event loop
-  to give it back (up to the switch interval) every time: with the loop 60% busy, PyAV's decode
-  took 2.6x its CPU in wall time, libopus 1.7x (the loop's own share).
+- the call releases the GIL (``ctypes.CDLL``) once per packet, where PyAV releases it three
+  times; with the loop 60% busy, PyAV's decode took 2.6x its CPU in wall time.
+
+Releasing the GIL for libopus beats holding it (``ctypes.PyDLL``, which we used first): the
+decoding thread then holds the GIL for whole jobs of packets, and the event loop, which wants
+it back after every socket call, waits up to the switch interval each time. Live webm/opus,
+same hour, alternating: 200 streams p99 lag 169 and 241 ms released against 241 and 583 held;
+250 streams 274 and 296 against 531 and 507 (BENCHMARKS.md).
 
 The library is the one PyAV's wheel bundles (FFmpeg links it for its ``libopus`` codec), else
 the system's. Without either, :func:`available` is False and Opus goes to FFmpeg as before.
@@ -73,10 +77,10 @@ class OpusError(Exception):
 
 
 @functools.cache
-def _library() -> ctypes.PyDLL | None:
+def _library() -> ctypes.CDLL | None:
     for path in _candidates():
         try:
-            lib = ctypes.PyDLL(path)
+            lib = ctypes.CDLL(path)
             lib.opus_decoder_create.restype = ctypes.c_void_p
             lib.opus_decoder_create.argtypes = [
                 ctypes.c_int32,
@@ -167,7 +171,7 @@ class OpusDecoder:
         return np.array(samples, dtype=np.float32, order="C")
 
 
-def _strerror(lib: ctypes.PyDLL, code: int) -> str:
+def _strerror(lib: ctypes.CDLL, code: int) -> str:
     message: bytes | None = lib.opus_strerror(code)
     return message.decode() if message else f"error {code}"
 
