@@ -38,6 +38,8 @@ T = TypeVar("T")
 # session's request holds the shared thread for a few milliseconds at most (64 KiB of Opus at
 # 32 kbit/s is 16 s of audio, ~10 ms to decode) and live sessions' requests are not held up.
 MAX_JOB_BYTES = 64 * 1024
+# Packets offered to one merged decode: 120 ms is libopus's limit, six 20 ms packets.
+MAX_RUN = 6
 
 
 class _Job(Generic[T]):
@@ -149,7 +151,22 @@ class _OpusStream:
         except DemuxError as exc:
             self.demux_error = exc
         parts: list[Samples] = []
-        for packet in packets:
+        i = 0
+        while i < len(packets):
+            # Runs of untrimmed packets decode merged, one call each (OpusDecoder.decode_run);
+            # what does not merge, and a trimmed packet (the last), decodes alone.
+            j = i
+            while j < len(packets) and j - i < MAX_RUN and packets[j].trim_end == 0:
+                j += 1
+            if j - i >= 2:
+                run = self.decoder.decode_run([p.data for p in packets[i:j]])
+                if run is not None:
+                    parts.append(run[0])
+                    self.consecutive = 0
+                    i += run[1]
+                    continue
+            packet = packets[i]
+            i += 1
             try:
                 samples = self.decoder.decode(packet.data, packet.trim_end)
             except OpusError as exc:

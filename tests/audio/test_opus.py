@@ -92,3 +92,39 @@ def test_layouts_beyond_stereo_are_declined() -> None:
     assert parsed is not None and not parsed.supported
     with pytest.raises(ValueError):
         OpusDecoder(parsed)
+
+
+@pytest.mark.parametrize("name", ["speech.ogg", "speech.webm"])
+def test_merged_runs_decode_to_exactly_the_samples_of_packet_by_packet(name: str) -> None:
+    """decode_run hands libopus up to 120 ms of packets merged into one: it must give the very
+    samples (not just close ones) of decoding them one at a time, pre-skip included."""
+    from service.audio.webm import WebmDemuxer
+
+    demuxer = OggDemuxer() if name.endswith(".ogg") else WebmDemuxer()
+    packets = demuxer.feed((DATA / name).read_bytes()) + demuxer.end()
+    assert demuxer.head is not None
+    one, merged = OpusDecoder(demuxer.head), OpusDecoder(demuxer.head)
+    expected = np.concatenate([one.decode(p.data, p.trim_end) for p in packets], axis=1)
+    parts, i, runs = [], 0, 0
+    while i < len(packets):
+        untrimmed = [p.data for p in packets[i : i + 6] if p.trim_end == 0]
+        run = merged.decode_run(untrimmed) if len(untrimmed) == min(6, len(packets) - i) else None
+        if run is not None:
+            parts.append(run[0])
+            i += run[1]
+            runs += 1
+        else:
+            parts.append(merged.decode(packets[i].data, packets[i].trim_end))
+            i += 1
+    assert runs > len(packets) // 7  # six 20 ms packets per run, nearly throughout
+    assert np.array_equal(np.concatenate(parts, axis=1), expected)
+
+
+def test_a_run_stops_at_a_packet_that_does_not_merge() -> None:
+    demuxer = OggDemuxer()
+    packets = [p.data for p in demuxer.feed((DATA / "speech.ogg").read_bytes())]
+    assert demuxer.head is not None
+    decoder = OpusDecoder(demuxer.head)
+    run = decoder.decode_run([packets[0], packets[1], b"\xff\xff", packets[2]])
+    assert run is not None and run[1] == 2  # the damaged one is left for decode() to report
+    assert decoder.decode_run([b"\xff\xff", packets[3]]) is None

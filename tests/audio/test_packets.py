@@ -113,3 +113,30 @@ async def test_cancelling_a_waiting_session_leaves_the_pool_serving_others() -> 
             other = await decode_pieces(split(data, 500), pool=pool)
             tg.cancel_scope.cancel()
     assert other.error is None and other.frames == SPEECH_SAMPLES
+
+
+async def test_damaged_packets_inside_merged_runs_are_skipped_one_by_one() -> None:
+    """Packets decode six at a time merged (OpusDecoder.decode_run); a damaged one among them
+    must still cost only itself, and be counted as decoding packet by packet counts it."""
+    data = bytearray((DATA / "speech.ogg").read_bytes())
+    pos = data.index(b"OggS", data.index(b"OpusTags"))
+    damaged = 0
+    while pos < len(data):  # spoil the 3rd packet of every other page (a frame count of 63)
+        count = data[pos + 26]
+        lacing = data[pos + 27 : pos + 27 + count]
+        body = pos + 27 + count
+        if count >= 4 and damaged < 5 and lacing[2] >= 2:
+            start = body + sum(lacing[:2])
+            data[start : start + lacing[2]] = b"\xff" * lacing[2]
+            damaged += 1
+        pos = body + sum(lacing)
+    assert damaged == 5
+    _, [merged] = await with_pool(split(bytes(data), 4096))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("service.audio.packets.MAX_RUN", 1)  # packet by packet, as before runs
+        _, [alone] = await with_pool(split(bytes(data), 4096))
+    for decoded in (merged, alone):
+        assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
+        assert decoded.error.message.startswith("5 opus packets of the ogg stream failed")
+    assert merged.frames > SPEECH_SAMPLES - 6 * 320  # only the five packets are missing
+    assert np.array_equal(merged.samples, alone.samples)
