@@ -17,7 +17,7 @@ to its events (SSE, read to ``end``) and PUTs the whole file at once (a sized bo
 ``--uploads`` uploads is divided by the audio seconds uploaded.
 
 The file is tests/data/speech.wav concatenated ``--repeats`` times (8: ~60 s), as WAV (the
-service's numpy path) and as webm/opus (its PyAV path, a decoding thread per session). Each run
+service's numpy path) and as webm/opus (our demuxer and libopus in the shared thread). Each run
 measures the raw loop and the server on the same file back to back; the ratio server / raw is
 taken per run (the raw loop runs before and after the server's uploads; their mean is the
 baseline) and the median of ``--runs`` runs is reported. Target: <= 1.10.

@@ -7,14 +7,14 @@ Per run, a fresh server (``python -m service``, free model, logging at WARNING) 
 exist), left idle, and its RSS sampled: the baseline. Then ``--streams`` sessions start within
 ``--ramp`` seconds, each with an SSE subscriber and a chunked upload paced at real time
 (``--chunk-ms`` per chunk). Once every stream is ``--hold`` seconds into its audio (the pipeline
-holding utterances in flight, VAD state, event logs, queues; for webm a PyAV decoding thread each)
+holding utterances in flight, VAD state, event logs, queues; for webm the demuxer and libopus state)
 RSS is sampled for ``--sample`` seconds while the uploads go on; the median of those samples minus
 the baseline, divided by N, is the figure. Then every upload ends and the server is stopped.
 
 - ``raw``: s16le 16 kHz mono declared with ``?encoding=s16le&sample_rate=16000&channels=1``
   (the numpy path; WAV takes the same path after its header).
-- ``webm``: webm/opus 48 kHz 32 kbit/s, sniffed (the PyAV path: one decoding thread, one FFmpeg
-  demuxer, decoder and resampler per session).
+- ``webm``: webm/opus 48 kHz 32 kbit/s, sniffed (our demuxer and libopus in the shared decoding
+  thread; ``--env STREAMER_OPUS_DECODER=ffmpeg`` for the PyAV path, a decoding thread each).
 
 Median over ``--runs`` runs. Target: <= 2 MB per session.
 """
