@@ -44,8 +44,6 @@ OPUS_RATE = 48000  # Opus timestamps (pre-skip, granule positions) are always at
 _RATIO = OPUS_RATE // MODEL_SAMPLE_RATE
 # The longest Opus packet: 120 ms.
 _MAX_FRAME = MODEL_SAMPLE_RATE * 120 // 1000
-# A merged packet: at most 48 frames of at most 1275 bytes each, plus its framing.
-_MAX_MERGED_BYTES = 48 * 1275 + 2 * 48 + 2
 _OPUS_SET_GAIN = 4034
 _OPUS_OK = 0
 
@@ -195,7 +193,9 @@ class OpusDecoder:
         if not self._repacketizer:
             raise RuntimeError("opus_repacketizer_create failed")
         weakref.finalize(self, quick.opus_repacketizer_destroy, self._repacketizer)
-        self._merged = ctypes.create_string_buffer(_MAX_MERGED_BYTES)
+        # Grown to fit a run: a live stream's six packets are a few hundred bytes, and the
+        # largest possible merged packet (~60 KB) per session would dwarf its other state.
+        self._merged = ctypes.create_string_buffer(1024)
 
     def decode(self, packet: bytes, trim_end: int = 0) -> Samples:
         """Decode one packet; ``trim_end`` samples (at 48 kHz) are dropped from its end (the
@@ -225,7 +225,12 @@ class OpusDecoder:
             used += 1
         if used < 2:
             return None
-        size = quick.opus_repacketizer_out(rp, self._merged, _MAX_MERGED_BYTES)
+        # The merged packet: a TOC and a count byte, the frames, and up to two length bytes
+        # for each of at most 48 frames (were it ever short, the run decodes one by one).
+        room = sum(len(p) for p in packets[:used]) + 2 * 48 + 2
+        if len(self._merged) < room:
+            self._merged = ctypes.create_string_buffer(room)
+        size = quick.opus_repacketizer_out(rp, self._merged, len(self._merged))
         if size <= 0:
             return None
         n = self._lib.opus_decode_float(
