@@ -79,18 +79,24 @@ class OpusError(Exception):
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    path = _library_path()
-    return None if path is None else _bind(ctypes.CDLL(path))
+    for path in _candidates():
+        try:
+            lib = _bind(ctypes.CDLL(path))
+            lib.opus_repacketizer_out  # noqa: B018 - present since libopus 1.0
+        except (OSError, AttributeError):
+            continue
+        return lib
+    return None
 
 
 @functools.cache
 def _quick_library() -> ctypes.PyDLL | None:
     """The same library for calls of a microsecond or less (the repacketizer), which keep the
     GIL: releasing it costs a wait to get it back, far more than the call."""
-    path = _library_path()
-    if path is None:
+    decoding = _library()
+    if decoding is None:
         return None
-    lib = ctypes.PyDLL(path)
+    lib = ctypes.PyDLL(decoding._name)
     lib.opus_repacketizer_create.restype = ctypes.c_void_p
     lib.opus_repacketizer_create.argtypes = []
     lib.opus_repacketizer_destroy.restype = None
@@ -102,19 +108,6 @@ def _quick_library() -> ctypes.PyDLL | None:
     lib.opus_repacketizer_out.restype = ctypes.c_int32
     lib.opus_repacketizer_out.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     return lib
-
-
-@functools.cache
-def _library_path() -> str | None:
-    for path in _candidates():
-        try:
-            _bind(ctypes.CDLL(path))
-            lib = ctypes.PyDLL(path)
-            lib.opus_repacketizer_out  # noqa: B018 - present since libopus 1.0
-        except (OSError, AttributeError):
-            continue
-        return path
-    return None
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
