@@ -94,14 +94,20 @@ def test_layouts_beyond_stereo_are_declined() -> None:
         OpusDecoder(parsed)
 
 
-@pytest.mark.parametrize("name", ["speech.ogg", "speech.webm"])
+@pytest.mark.parametrize("name", ["speech.ogg", "speech.webm", "stereo.ogg", "stereo.webm"])
 def test_merged_runs_decode_to_exactly_the_samples_of_packet_by_packet(name: str) -> None:
     """decode_run hands libopus up to 120 ms of packets merged into one: it must give the very
     samples (not just close ones) of decoding them one at a time, pre-skip included."""
     from service.audio.webm import WebmDemuxer
 
+    if name.startswith("stereo"):
+        t = np.arange(3 * 48000) / 48000
+        tones = np.stack([np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 1000 * t)])
+        data = encode_opus(tones.astype(np.float32) * 0.3, name.split(".")[1])
+    else:
+        data = (DATA / name).read_bytes()
     demuxer = OggDemuxer() if name.endswith(".ogg") else WebmDemuxer()
-    packets = demuxer.feed((DATA / name).read_bytes()) + demuxer.end()
+    packets = demuxer.feed(data) + demuxer.end()
     assert demuxer.head is not None
     one, merged = OpusDecoder(demuxer.head), OpusDecoder(demuxer.head)
     expected = np.concatenate([one.decode(p.data, p.trim_end) for p in packets], axis=1)
