@@ -73,25 +73,68 @@ def machine() -> str:
 # -- processes ----------------------------------------------------------------------------------
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its child processes (the server's Opus decoding process): what the server
+    costs is all of them."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # it exited meanwhile
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _stat_fields(pid: int) -> list[str]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 class Proc:
-    """CPU, memory and threads of a process, from /proc (every thread counted)."""
+    """CPU, memory and threads of a process and its children, from /proc (every thread
+    counted)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
     def cpu_seconds(self) -> float:
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        user, system = self.cpu_split()
+        return user + system
+
+    def cpu_split(self) -> tuple[float, float]:
+        """User and system CPU seconds."""
+        user = system = 0
+        for pid in family(self.pid):
+            try:
+                fields = _stat_fields(pid)
+            except OSError:
+                continue
+            user, system = user + int(fields[11]), system + int(fields[12])
+        return user / CLK_TCK, system / CLK_TCK
 
     def rss_bytes(self) -> int:
-        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE_SIZE
+        total = 0
+        for pid in family(self.pid):
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
+            except OSError:
+                continue
+        return total
 
     def threads(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-        return 0
+        total = 0
+        for pid in family(self.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("Threads:"):
+                    total += int(line.split()[1])
+        return total
 
 
 def free_port() -> int:

@@ -58,7 +58,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Server, create_session, raise_fd_limit, start_server  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Proc,
+    Server,
+    create_session,
+    raise_fd_limit,
+    start_server,
+)
 from service.client.sse import iter_sse  # noqa: E402
 from service.config import MODEL_SAMPLE_RATE, VadParams  # noqa: E402
 
@@ -161,22 +167,6 @@ def webm_audio(duration: float, chunk_ms: int) -> Audio:
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-
-class Proc:
-    """CPU and memory of a process, from /proc."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def cpu_seconds(self) -> tuple[float, float]:
-        """User and system CPU seconds, every thread."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
-
-    def rss_bytes(self) -> int:
-        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE_SIZE
 
 
 def own_cpu_seconds() -> tuple[float, float]:
@@ -546,7 +536,7 @@ async def run_step(opts: Options, audio: Audio, n: int) -> dict[str, Any]:
     proc = opts.server
     rss0 = proc.rss_bytes() if proc else 0
     peak, loop_lag = [rss0], [0.0]
-    cpu0_server = proc.cpu_seconds() if proc else (0.0, 0.0)
+    cpu0_server = proc.cpu_split() if proc else (0.0, 0.0)
     cpu0_self, wall0 = own_cpu_seconds(), time.monotonic()
     budget = opts.ramp + opts.duration * 2 + 60
     slot = opts.slot_ms / 1000
@@ -568,7 +558,7 @@ async def run_step(opts: Options, audio: Audio, n: int) -> dict[str, Any]:
             tg.cancel_scope.cancel()
     wall = time.monotonic() - wall0
     cpu_self = _minus(own_cpu_seconds(), cpu0_self)
-    cpu_server = _minus(proc.cpu_seconds(), cpu0_server) if proc else None
+    cpu_server = _minus(proc.cpu_split(), cpu0_server) if proc else None
     for s in streams:
         if s.end_reason is None and s.failure is None:
             s.failure = f"no end within {budget:g} s"

@@ -20,7 +20,7 @@ from service.api import health, sessions, sse, upload, web, websocket
 from service.api.responses import http_error_handler, internal_error_handler, streamer_error_handler
 from service.api.security import ApiKeyMiddleware
 from service.audio import opus
-from service.audio.packets import DecodePool
+from service.audio.packets import DecodePool, DecodeProcess
 from service.errors import StreamerError
 from service.model.base import load_model
 from service.model.runner import ModelRunner
@@ -37,17 +37,18 @@ from service.vad.silero import load_session
 log = logging.getLogger(__name__)
 
 
-def _decode_pool(settings: Settings) -> DecodePool | None:
+def _decode_pool(settings: Settings) -> DecodePool | DecodeProcess | None:
     if settings.opus_decoder == "ffmpeg":
         return None
-    if settings.opus_decoder != "libopus":
+    if settings.opus_decoder not in ("libopus", "process"):
         raise ValueError(
-            f"STREAMER_OPUS_DECODER must be libopus or ffmpeg, not {settings.opus_decoder!r}"
+            "STREAMER_OPUS_DECODER must be libopus, process or ffmpeg, "
+            f"not {settings.opus_decoder!r}"
         )
     if not opus.available():
         log.warning("libopus not found: WebM and Ogg Opus are decoded by FFmpeg")
         return None
-    return DecodePool()
+    return DecodeProcess() if settings.opus_decoder == "process" else DecodePool()
 
 
 def create_app(

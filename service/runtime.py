@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.audio.packets import DecodePool
+from service.audio.packets import DecodePool, DecodeProcess
 from service.model.runner import ModelRunner
 from service.session.observer import SessionObserver
 from service.settings import Settings
@@ -18,4 +18,4 @@ class Runtime:
     models: ModelRunner
     observer: SessionObserver
     # WebM/Ogg Opus decoding shared by every session; None: FFmpeg decodes them.
-    decoders: DecodePool | None = None
+    decoders: DecodePool | DecodeProcess | None = None

@@ -40,10 +40,11 @@ class Settings:
     # "dense": silero_vad.onnx's weights as batch-wide GEMMs (service/vad/dense.py); "reference":
     # the file as shipped. Same probabilities to ~1e-5; dense is ~3.5x cheaper per stream.
     vad_graph: str = "dense"
-    # Opus in WebM/Ogg: "libopus" parses the container ourselves and decodes with libopus in one
-    # thread shared by every session (service/audio/packets.py); "ffmpeg": PyAV, a thread per
-    # session (the baseline, and the path for every other codec).
-    opus_decoder: str = "libopus"
+    # Opus in WebM/Ogg, parsed by us and decoded with libopus (service/audio/packets.py):
+    # "process" in one process of its own for every session (its own GIL; it is restarted if
+    # it dies), "libopus" in one thread of the server shared by every session; "ffmpeg": PyAV,
+    # a thread per session (the baseline, and the path for every other codec).
+    opus_decoder: str = "process"
 
     # Limits.
     max_sessions: int = 1000

@@ -5,7 +5,7 @@ Which path the bytes take:
 - declared raw PCM (``fmt`` given): numpy, chunk by chunk (:mod:`service.audio.pcm`);
 - WAV with integer or float PCM: header parsed here (:mod:`service.audio.wav`), then numpy;
 - WebM and Ogg with Opus (what browsers record), with a decode pool: our own demuxers and
-  libopus, in one thread shared by every session (:mod:`service.audio.packets`);
+  libopus, in one process or thread shared by every session (:mod:`service.audio.packets`);
 - anything else, including WAV with other codecs: FFmpeg through PyAV in a thread of its own
   (:mod:`service.audio.container`); MP4 only streams with its index first ("faststart").
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from service.audio import opus
 from service.audio.chunk import AudioChunk, ChunkSink
 from service.audio.container import decode_buffered, decode_streaming
-from service.audio.packets import DecodePool, decode_opus, open_demuxer
+from service.audio.packets import DecodePool, DecodeProcess, decode_opus, open_demuxer
 from service.audio.pcm import PcmDecoder, PcmLayout
 from service.audio.resample import ArrayResampler
 from service.audio.sniff import Kind, sniff
@@ -50,7 +50,7 @@ async def decode(
     send: ChunkSink,
     *,
     on_chunk: Callable[[AudioChunk, float], None] | None = None,
-    pool: DecodePool | None = None,
+    pool: DecodePool | DecodeProcess | None = None,
     bell: Doorbell | None = None,
 ) -> DecodeResult:
     """Decode an upload while it arrives, sending :class:`AudioChunk` objects to ``send``.
@@ -68,7 +68,7 @@ async def decode(
     produced it (for metrics: the decode stage's real-time factor).
 
     With a ``pool``, WebM and Ogg with Opus are demuxed by us and decoded with libopus in the
-    pool's shared thread (:mod:`service.audio.packets`); without one, by FFmpeg.
+    pool's process or shared thread (:mod:`service.audio.packets`); without one, by FFmpeg.
 
     ``bell``: the :class:`Doorbell` that the sender of ``source`` (a memory object stream) rings
     after each chunk and on close; the decoder then waits on it instead of on the stream.
@@ -84,7 +84,7 @@ async def _decode(
     fmt: PcmFormat | None,
     send: ChunkSink,
     on_chunk: Callable[[AudioChunk, float], None] | None,
-    pool: DecodePool | None,
+    pool: DecodePool | DecodeProcess | None,
     bell: Doorbell | None,
 ) -> DecodeResult:
     src = ByteSource(source, bell)

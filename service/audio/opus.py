@@ -5,7 +5,7 @@ what limited a machine: FFmpeg's demuxers read with blocking ``read()`` calls, s
 decoded in a thread of its own, and at ~80 live streams the GIL hand-offs between those threads
 and the event loop took over half the CPU (BENCHMARKS.md). Here the container is parsed by us
 (:mod:`service.audio.webm`, :mod:`service.audio.ogg`) and the packets are decoded with libopus
-in one thread shared by every session (:mod:`service.audio.packets`).
+for every session in one process (or one thread) of their own (:mod:`service.audio.packets`).
 
 Why libopus through ``ctypes`` rather than FFmpeg's decoder through PyAV:
 

@@ -1,27 +1,39 @@
-"""WebM and Ogg Opus uploads: parsed by us, decoded with libopus in one thread for every session.
+"""WebM and Ogg Opus uploads: parsed by us, decoded with libopus for every session at once.
 
-Each session's decoding task gathers the upload bytes that have arrived and awaits
-:meth:`DecodePool.decode`; the pool runs everything pending at that moment in ONE worker-thread
-call, demuxing and decoding session after session, so a hundred live streams cost one thread
-hop per batch, not a thread each (the FFmpeg path, :mod:`service.audio.container`, blocks a
-thread per session in its ``read()``). Batching comes from load, not from waiting: requests that
-arrive while a batch runs form the next one.
+Each session's decoding task gathers the upload bytes that have arrived and hands them on as one
+step of its stream (demux, then decode); everything pending at that moment runs as ONE batch,
+session after session, so a hundred live streams cost one hand-off per batch, not a thread each
+(the FFmpeg path, :mod:`service.audio.container`, blocks a thread per session in its
+``read()``). Batching comes from load, not from waiting: steps that arrive while a batch runs
+form the next one. Two places run the batches:
 
-Memory stays bounded: a session has one request at a time, of at most ``MAX_JOB_BYTES`` of
+- :class:`DecodeProcess` (the default): a process of its own (:mod:`service.audio.opus_worker`)
+  holds every session's demuxer and libopus state; a batch is one pipe write and one read. In
+  the server's process the decoding thread and the event loop waited on each other for the GIL
+  (at 300 live streams the thread spent most of its time waiting to take it back); the process
+  has its own. If it dies, the sessions it held end with ``decode_failed`` and a new one starts.
+- :class:`DecodePool`: one worker thread of the server (``STREAMER_OPUS_DECODER=libopus``).
+
+Memory stays bounded: a session has one step at a time, of at most ``MAX_JOB_BYTES`` of
 upload; while it waits, further upload chunks wait in the upload's bounded stream.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import logging
+import pickle
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
 import numpy as np
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from service.audio.chunk import Samples
 from service.audio.container import MAX_CONSECUTIVE_ERRORS, StreamInfo, decode_failure
@@ -31,8 +43,10 @@ from service.audio.opus import OpusDecoder, OpusError
 from service.audio.source import ByteSource
 from service.audio.webm import WebmDemuxer
 from service.audio.writer import ChunkWriter
+from service.errors import ErrorCode, StreamerError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Upload bytes per request: a fast upload's chunks are taken up to this much at a time, so one
 # session's request holds the shared thread for a few milliseconds at most (64 KiB of Opus at
@@ -183,15 +197,33 @@ class _OpusStream:
         joined = np.concatenate(parts, axis=1) if parts else None
         return _Decoded(joined, time.perf_counter() - t0, stop)
 
-    def check(self, where: str) -> None:
+    def failure_state(self) -> _Failures:
+        return _Failures(
+            self.errors,
+            self.consecutive,
+            None if self.first_error is None else str(self.first_error),
+            None if self.demux_error is None else str(self.demux_error),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Failures:
+    """What went wrong in a stream so far, as plain values (they cross to the server process)."""
+
+    errors: int
+    consecutive: int
+    first_error: str | None
+    demux_error: str | None
+
+    def check(self, container: str, where: str) -> None:
         """Raise what went wrong, as the FFmpeg path words it."""
         if self.demux_error is None and self.first_error is None:
             return
         raise decode_failure(
-            self.demuxer.container,
+            container,
             "opus",
             where,
-            damage=None if self.demux_error is None else str(self.demux_error),
+            damage=self.demux_error,
             errors=self.errors,
             reason=str(self.first_error),
             stopped=self.consecutive >= MAX_CONSECUTIVE_ERRORS,
@@ -224,32 +256,192 @@ async def decode_opus(
     src: ByteSource,
     demuxer: Demuxer,
     packets: list[Packet],
-    pool: DecodePool,
+    pool: DecodePool | DecodeProcess,
     writer: ChunkWriter,
 ) -> StreamInfo:
     """Decode the rest of the upload through ``pool``; ``packets`` are those found while
     :func:`open_demuxer` read the headers. Audio decoded before an error is sent first."""
+    if isinstance(pool, DecodeProcess):
+        return await _decode_remote(src, demuxer, packets, pool, writer)
     stream = _OpusStream(demuxer)
     final = False
     while not final:
-        data = await src.pull()
-        final = data is None
-        parts = [] if data is None else [data]
-        size = len(data or b"")
-        while not final and size < MAX_JOB_BYTES:
-            more = src.pull_ready()
-            if more is None:
-                final = src.exhausted
-                break
-            parts.append(more)
-            size += len(more)
-        decoded = await pool.decode(functools.partial(stream.step, b"".join(parts), packets, final))
+        data, final = await _job_bytes(src)
+        decoded = await pool.decode(functools.partial(stream.step, data or b"", packets, final))
         packets = []
         writer.add_busy(decoded.busy_s)
         if decoded.samples is not None:
             await writer.write(decoded.samples, src.received_at)
         if decoded.stop:
             break
-    stream.check(f"after {src.bytes_in} bytes")
+    stream.failure_state().check(demuxer.container, f"after {src.bytes_in} bytes")
     await src.drain()
     return StreamInfo(demuxer.container, "opus", stream.decoder.channels)
+
+
+async def _job_bytes(src: ByteSource) -> tuple[bytes | None, bool]:
+    """The next job's upload bytes: a chunk, waited for, and every chunk already here (up to
+    MAX_JOB_BYTES); and whether the upload has ended."""
+    data = await src.pull()
+    if data is None:
+        return None, True
+    parts, size = [data], len(data)
+    while size < MAX_JOB_BYTES:
+        more = src.pull_ready()
+        if more is None:
+            return b"".join(parts), src.exhausted
+        parts.append(more)
+        size += len(more)
+    return b"".join(parts), False
+
+
+async def _decode_remote(
+    src: ByteSource,
+    demuxer: Demuxer,
+    packets: list[Packet],
+    process: DecodeProcess,
+    writer: ChunkWriter,
+) -> StreamInfo:
+    key = next(process.keys)
+    try:
+        channels = await process.call(key, "open", demuxer)
+        failures = _Failures(0, 0, None, None)
+        final = False
+        while not final:
+            data, final = await _job_bytes(src)
+            decoded, failures = await process.call(key, "step", (data or b"", packets, final))
+            packets = []
+            writer.add_busy(decoded.busy_s)
+            if decoded.samples is not None:
+                await writer.write(decoded.samples, src.received_at)
+            if decoded.stop:
+                break
+    finally:
+        process.forget(key)
+    failures.check(demuxer.container, f"after {src.bytes_in} bytes")
+    await src.drain()
+    return StreamInfo(demuxer.container, "opus", channels)
+
+
+class _Call:
+    __slots__ = ("args", "done", "error", "key", "op", "result")
+
+    def __init__(self, key: int, op: str, args: object) -> None:
+        self.key, self.op, self.args = key, op, args
+        self.done = anyio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _lost() -> StreamerError:
+    return StreamerError(
+        ErrorCode.DECODE_FAILED, "the Opus decoding process restarted: this stream's state was lost"
+    )
+
+
+class DecodeProcess:
+    """Every session's Opus decoding in a process of its own (:mod:`service.audio.opus_worker`);
+    :meth:`run` is started once in the app's lifespan and restarts the process if it dies (the
+    sessions it held fail with ``decode_failed``; new ones go to the new process).
+
+    As with :class:`DecodePool`, everything pending when the process is free goes in one batch:
+    one pipe write and one read per batch, no thread. The process has its own GIL, so neither
+    libopus nor the demuxing competes with the event loop for it."""
+
+    def __init__(self) -> None:
+        self.keys = itertools.count()
+        self._pending: list[_Call] = []
+        self._changed = anyio.Event()
+        self._running = False
+        self._live: set[int] = set()  # keys opened in the current process
+        self.batches = 0
+        self.jobs = 0
+        self.restarts = 0
+
+    async def call(self, key: int, op: str, args: object) -> Any:
+        if not self._running:
+            raise RuntimeError("the Opus decoding process is not running")
+        if op != "open" and key not in self._live:
+            raise _lost()
+        call = _Call(key, op, args)
+        self._pending.append(call)
+        self._changed.set()
+        with anyio.CancelScope(shield=True):  # its reply comes anyway; keep the order
+            await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        if op == "open":
+            self._live.add(key)
+        return call.result
+
+    def forget(self, key: int) -> None:
+        """Drop a stream's state in the process (no reply awaited)."""
+        if key in self._live:
+            self._live.discard(key)
+            self._pending.append(_Call(key, "close", None))
+            self._changed.set()
+
+    async def run(self) -> None:
+        if self._running:
+            raise RuntimeError("DecodeProcess.run is already running")
+        self._running = True
+        try:
+            while True:
+                await self._serve()
+                self.restarts += 1
+                self._live.clear()
+        finally:
+            self._running = False
+            self._fail(self._pending, RuntimeError("the Opus decoding process stopped"))
+
+    async def _serve(self) -> None:
+        command = [sys.executable, "-m", "service.audio.opus_worker"]
+        async with await anyio.open_process(command, stderr=None) as process:
+            assert process.stdin is not None and process.stdout is not None
+            replies = BufferedByteReceiveStream(process.stdout)
+            while True:
+                while not self._pending:
+                    self._changed = anyio.Event()
+                    await self._changed.wait()
+                batch, self._pending = self._pending, []
+                # Steps queued for a process that has since died: their state is gone.
+                lost = [c for c in batch if c.op == "step" and c.key not in self._live]
+                if lost:
+                    self._fail(lost, _lost())
+                    batch = [c for c in batch if c not in lost]
+                    if not batch:
+                        continue
+                try:
+                    frame = pickle.dumps(
+                        [(c.key, c.op, c.args) for c in batch], protocol=pickle.HIGHEST_PROTOCOL
+                    )
+                    await process.stdin.send(len(frame).to_bytes(4, "little") + frame)
+                    size = int.from_bytes(await replies.receive_exactly(4), "little")
+                    results = pickle.loads(await replies.receive_exactly(size))
+                except (
+                    anyio.EndOfStream,
+                    anyio.IncompleteRead,
+                    anyio.BrokenResourceError,
+                    OSError,
+                ) as exc:
+                    log.error("the Opus decoding process died (%r); restarting it", exc)
+                    self._fail(
+                        batch,
+                        StreamerError(ErrorCode.DECODE_FAILED, "the Opus decoding process died"),
+                    )
+                    return
+                self.batches += 1
+                self.jobs += len(batch)
+                for call, (result, error) in zip(batch, results, strict=True):
+                    call.result = result
+                    if error is not None:
+                        call.error = StreamerError(
+                            ErrorCode.DECODE_FAILED, f"decoding failed: {error}"
+                        )
+                    call.done.set()
+
+    @staticmethod
+    def _fail(calls: list[_Call], error: BaseException) -> None:
+        for call in calls:
+            call.error = error
+            call.done.set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +15,7 @@ import pytest
 
 from service.audio.chunk import AudioChunk
 from service.audio.decoder import DecodeResult, decode
-from service.audio.packets import DecodePool
+from service.audio.packets import DecodePool, DecodeProcess
 from service.config import PcmFormat
 from service.errors import StreamerError
 
@@ -66,7 +66,9 @@ async def _pieces(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
 
 
 async def decode_pieces(
-    pieces: Iterable[bytes], fmt: PcmFormat | None = None, pool: DecodePool | None = None
+    pieces: Iterable[bytes] | AsyncIterable[bytes],
+    fmt: PcmFormat | None = None,
+    pool: DecodePool | DecodeProcess | None = None,
 ) -> Decoded:
     """Run ``decode`` over the given byte pieces, collecting every chunk and the outcome."""
     send, receive = anyio.create_memory_object_stream[AudioChunk](4)
@@ -81,7 +83,8 @@ async def decode_pieces(
         async with anyio.create_task_group() as tg:
             tg.start_soon(collect)
             try:
-                out.result = await decode(_pieces(pieces), fmt, send, pool=pool)
+                source = pieces if isinstance(pieces, AsyncIterable) else _pieces(pieces)
+                out.result = await decode(source, fmt, send, pool=pool)
             except StreamerError as exc:
                 out.error = exc
     return out

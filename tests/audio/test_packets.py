@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 
 import anyio
 import av
 import numpy as np
+import psutil
 import pytest
 from conftest import DATA, SPEECH_SAMPLES, Decoded, decode_pieces, split
 
 from service.audio.opus import available
-from service.audio.packets import DecodePool
+from service.audio.packets import DecodePool, DecodeProcess
 from service.errors import ErrorCode
 
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not available(), reason="libopus not found")]
 
 
-async def with_pool(*uploads: list[bytes]) -> tuple[DecodePool, list[Decoded]]:
-    pool = DecodePool()
+Pool = type[DecodePool] | type[DecodeProcess]
+
+
+@pytest.fixture(params=[DecodePool, DecodeProcess], ids=["thread", "process"])
+def pool_cls(request: pytest.FixtureRequest) -> Pool:
+    """Each test runs with the shared decoding thread and with the decoding process."""
+    cls: Pool = request.param
+    return cls
+
+
+async def with_pool(
+    pool_cls: Pool, *uploads: list[bytes]
+) -> tuple[DecodePool | DecodeProcess, list[Decoded]]:
+    pool = pool_cls()
     results: list[Decoded] = [Decoded(None, None)] * len(uploads)
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
@@ -35,9 +49,9 @@ async def with_pool(*uploads: list[bytes]) -> tuple[DecodePool, list[Decoded]]:
 
 
 @pytest.mark.parametrize("name", ["speech.webm", "speech.ogg"])
-async def test_a_pool_decodes_what_ffmpeg_decodes(name: str) -> None:
+async def test_a_pool_decodes_what_ffmpeg_decodes(name: str, pool_cls: Pool) -> None:
     data = (DATA / name).read_bytes()
-    pool, [ours] = await with_pool(split(data, 300))
+    pool, [ours] = await with_pool(pool_cls, split(data, 300))
     with anyio.fail_after(20):
         ffmpeg = await decode_pieces(split(data, 300))
     assert ours.error is None and ffmpeg.error is None
@@ -49,15 +63,15 @@ async def test_a_pool_decodes_what_ffmpeg_decodes(name: str) -> None:
     assert pool.jobs > 1  # it went through the pool, chunk by chunk
 
 
-async def test_sessions_share_batches() -> None:
+async def test_sessions_share_batches(pool_cls: Pool) -> None:
     data = (DATA / "speech.webm").read_bytes()
-    pool, results = await with_pool(*[split(data, 200) for _ in range(20)])
+    pool, results = await with_pool(pool_cls, *[split(data, 200) for _ in range(20)])
     assert all(r.error is None and r.frames == SPEECH_SAMPLES for r in results)
     # 20 sessions decoding at once: each thread hop takes several of them.
     assert pool.batches < pool.jobs / 2
 
 
-async def test_other_codecs_still_go_to_ffmpeg() -> None:
+async def test_other_codecs_still_go_to_ffmpeg(pool_cls: Pool) -> None:
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="matroska") as out:
         stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
@@ -66,7 +80,7 @@ async def test_other_codecs_still_go_to_ffmpeg() -> None:
         for packet in stream.encode(frame):
             out.mux(packet)
     pieces = split(buffer.getvalue(), 1000)
-    pool, [decoded] = await with_pool(pieces)
+    pool, [decoded] = await with_pool(pool_cls, pieces)
     with anyio.fail_after(20):
         ffmpeg = await decode_pieces(pieces)
     assert decoded.error is None and decoded.result is not None
@@ -76,16 +90,16 @@ async def test_other_codecs_still_go_to_ffmpeg() -> None:
     assert pool.jobs == 0
 
 
-async def test_a_damaged_container_is_reported_after_the_audio_before_it() -> None:
+async def test_a_damaged_container_is_reported_after_the_audio_before_it(pool_cls: Pool) -> None:
     data = (DATA / "speech.webm").read_bytes()
     cut = len(data) // 2
-    _, [decoded] = await with_pool(split(data[:cut] + b"\x00" * 64 + data[cut:], 500))
+    _, [decoded] = await with_pool(pool_cls, split(data[:cut] + b"\x00" * 64 + data[cut:], 500))
     assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
     assert "webm container is damaged" in decoded.error.message
     assert SPEECH_SAMPLES * 0.4 < decoded.frames < SPEECH_SAMPLES * 0.6
 
 
-async def test_a_run_of_bad_packets_stops_decoding_with_an_error() -> None:
+async def test_a_run_of_bad_packets_stops_decoding_with_an_error(pool_cls: Pool) -> None:
     data = bytearray((DATA / "speech.ogg").read_bytes())
     # Overwrite the audio pages' packet bytes (leaving page headers alone) with a TOC whose
     # frame count libopus rejects.
@@ -96,15 +110,15 @@ async def test_a_run_of_bad_packets_stops_decoding_with_an_error() -> None:
         size = sum(data[pos + 27 : body])
         data[body : body + size] = b"\xff" * size
         pos = body + size
-    _, [decoded] = await with_pool(split(bytes(data), 4096))
+    _, [decoded] = await with_pool(pool_cls, split(bytes(data), 4096))
     assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
     assert "decoding stopped" in decoded.error.message
     assert decoded.frames == 0
 
 
-async def test_cancelling_a_waiting_session_leaves_the_pool_serving_others() -> None:
+async def test_cancelling_a_waiting_session_leaves_the_pool_serving_others(pool_cls: Pool) -> None:
     data = (DATA / "speech.webm").read_bytes()
-    pool = DecodePool()
+    pool = pool_cls()
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.run)
@@ -115,7 +129,7 @@ async def test_cancelling_a_waiting_session_leaves_the_pool_serving_others() -> 
     assert other.error is None and other.frames == SPEECH_SAMPLES
 
 
-async def test_damaged_packets_inside_merged_runs_are_skipped_one_by_one() -> None:
+async def test_damaged_packets_inside_merged_runs_are_skipped_one_by_one(pool_cls: Pool) -> None:
     """Packets decode six at a time merged (OpusDecoder.decode_run); a damaged one among them
     must still cost only itself, and be counted as decoding packet by packet counts it."""
     data = bytearray((DATA / "speech.ogg").read_bytes())
@@ -131,12 +145,53 @@ async def test_damaged_packets_inside_merged_runs_are_skipped_one_by_one() -> No
             damaged += 1
         pos = body + sum(lacing)
     assert damaged == 5
-    _, [merged] = await with_pool(split(bytes(data), 4096))
+    _, [merged] = await with_pool(pool_cls, split(bytes(data), 4096))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("service.audio.packets.MAX_RUN", 1)  # packet by packet, as before runs
-        _, [alone] = await with_pool(split(bytes(data), 4096))
+        # In this process, where the patch applies (a decoding process has its own MAX_RUN).
+        _, [alone] = await with_pool(DecodePool, split(bytes(data), 4096))
     for decoded in (merged, alone):
         assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
         assert decoded.error.message.startswith("5 opus packets of the ogg stream failed")
     assert merged.frames > SPEECH_SAMPLES - 6 * 320  # only the five packets are missing
     assert np.array_equal(merged.samples, alone.samples)
+
+
+async def test_a_dead_decoding_process_fails_its_sessions_and_is_replaced() -> None:
+    """A crash in libopus or the demuxer kills only the decoding process: the sessions it held
+    end with decode_failed (after the audio decoded before), and the next session is decoded
+    by a new process."""
+    data = (DATA / "speech.webm").read_bytes()
+    pool = DecodeProcess()
+    pieces = split(data, 500)
+
+    async def slow() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+            await anyio.sleep(0.01)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run)
+            results: list[Decoded] = []
+
+            async def first() -> None:
+                results.append(await decode_pieces(slow(), pool=pool))
+
+            tg.start_soon(first)
+            while pool.jobs < 3:  # the session is in the process by now
+                await anyio.sleep(0.01)
+            [child] = [
+                p for p in psutil.Process().children() if "opus_worker" in " ".join(p.cmdline())
+            ]
+            child.kill()
+            while not results:
+                await anyio.sleep(0.01)
+            [crashed] = results
+            assert crashed.error is not None and crashed.error.code is ErrorCode.DECODE_FAILED
+            assert "decoding process" in crashed.error.message
+            assert 0 < crashed.frames < SPEECH_SAMPLES
+            after = await decode_pieces(split(data, 500), pool=pool)
+            assert after.error is None and after.frames == SPEECH_SAMPLES
+            assert pool.restarts == 1
+            tg.cancel_scope.cancel()
