@@ -354,6 +354,7 @@ class DecodeProcess:
         self._changed = anyio.Event()
         self._running = False
         self._live: set[int] = set()  # keys opened in the current process
+        self._sent: list[_Call] = []  # the batch the process is working on
         self.batches = 0
         self.jobs = 0
         self.restarts = 0
@@ -366,8 +367,9 @@ class DecodeProcess:
         call = _Call(key, op, args)
         self._pending.append(call)
         self._changed.set()
-        with anyio.CancelScope(shield=True):  # its reply comes anyway; keep the order
-            await call.done.wait()
+        # If the caller is cancelled meanwhile, the call still runs and its reply is dropped;
+        # the session is being torn down then, and forget() follows.
+        await call.done.wait()
         if call.error is not None:
             raise call.error
         if op == "open":
@@ -391,8 +393,11 @@ class DecodeProcess:
                 self.restarts += 1
                 self._live.clear()
         finally:
+            # Shutdown: nobody may be left waiting for a reply that will not come.
             self._running = False
-            self._fail(self._pending, RuntimeError("the Opus decoding process stopped"))
+            stopped = RuntimeError("the Opus decoding process stopped")
+            self._fail(self._sent + self._pending, stopped)
+            self._sent, self._pending = [], []
 
     async def _serve(self) -> None:
         command = [sys.executable, "-m", "service.audio.opus_worker"]
@@ -411,6 +416,7 @@ class DecodeProcess:
                     batch = [c for c in batch if c not in lost]
                     if not batch:
                         continue
+                self._sent = batch
                 try:
                     frame = pickle.dumps(
                         [(c.key, c.op, c.args) for c in batch], protocol=pickle.HIGHEST_PROTOCOL
@@ -429,7 +435,9 @@ class DecodeProcess:
                         batch,
                         StreamerError(ErrorCode.DECODE_FAILED, "the Opus decoding process died"),
                     )
+                    self._sent = []
                     return
+                self._sent = []
                 self.batches += 1
                 self.jobs += len(batch)
                 for call, (result, error) in zip(batch, results, strict=True):

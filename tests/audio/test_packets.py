@@ -6,6 +6,7 @@ import io
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import av
 import numpy as np
 import psutil
@@ -195,3 +196,41 @@ async def test_a_dead_decoding_process_fails_its_sessions_and_is_replaced() -> N
             assert after.error is None and after.frames == SPEECH_SAMPLES
             assert pool.restarts == 1
             tg.cancel_scope.cancel()
+
+
+async def test_stopping_the_decoding_process_fails_the_steps_it_was_running() -> None:
+    """Shutdown cancels the process's runner while a batch is in the process: the sessions
+    waiting for that batch's replies must get an error, not wait for ever (their wait is
+    shielded, so nothing else would end it)."""
+    data = (DATA / "speech.webm").read_bytes()
+    pool = DecodeProcess()
+
+    async def slow() -> AsyncIterator[bytes]:
+        for piece in split(data, 200):
+            yield piece
+            await anyio.sleep(0.005)
+
+    outcome: list[BaseException | Decoded] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            runner = anyio.CancelScope()
+
+            async def run() -> None:
+                with runner:
+                    await pool.run()
+
+            async def session() -> None:
+                try:
+                    outcome.append(await decode_pieces(slow(), pool=pool))
+                except* RuntimeError as group:
+                    outcome.extend(group.exceptions)
+
+            tg.start_soon(run)
+            tg.start_soon(session)
+            while pool.jobs < 3:
+                await anyio.sleep(0.005)
+            while not pool._sent:  # a batch is in the process right now
+                await anyio.lowlevel.checkpoint()
+            runner.cancel()
+    [ended] = outcome
+    assert isinstance(ended, RuntimeError) and "stopped" in str(ended)
