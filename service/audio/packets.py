@@ -26,7 +26,7 @@ import logging
 import pickle
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -261,22 +261,46 @@ async def decode_opus(
 ) -> StreamInfo:
     """Decode the rest of the upload through ``pool``; ``packets`` are those found while
     :func:`open_demuxer` read the headers. Audio decoded before an error is sent first."""
+    step: Callable[[bytes, list[Packet], bool], Awaitable[tuple[_Decoded, _Failures]]]
     if isinstance(pool, DecodeProcess):
-        return await _decode_remote(src, demuxer, packets, pool, writer)
-    stream = _OpusStream(demuxer)
-    final = False
-    while not final:
-        data, final = await _job_bytes(src)
-        decoded = await pool.decode(functools.partial(stream.step, data or b"", packets, final))
-        packets = []
-        writer.add_busy(decoded.busy_s)
-        if decoded.samples is not None:
-            await writer.write(decoded.samples, src.received_at)
-        if decoded.stop:
-            break
-    stream.failure_state().check(demuxer.container, f"after {src.bytes_in} bytes")
+        process, key = pool, next(pool.keys)
+        channels: int = await process.call(key, "open", demuxer)
+
+        async def step(data: bytes, packets: list[Packet], final: bool) -> Any:
+            return await process.call(key, "step", (data, packets, final))
+
+        def close() -> None:
+            process.forget(key)
+    else:
+        thread, stream = pool, _OpusStream(demuxer)
+        channels = stream.decoder.channels
+
+        async def step(
+            data: bytes, packets: list[Packet], final: bool
+        ) -> tuple[_Decoded, _Failures]:
+            decoded = await thread.decode(functools.partial(stream.step, data, packets, final))
+            return decoded, stream.failure_state()
+
+        def close() -> None:
+            pass
+
+    failures = _Failures(0, 0, None, None)
+    try:
+        final = False
+        while not final:
+            data, final = await _job_bytes(src)
+            decoded, failures = await step(data or b"", packets, final)
+            packets = []
+            writer.add_busy(decoded.busy_s)
+            if decoded.samples is not None:
+                await writer.write(decoded.samples, src.received_at)
+            if decoded.stop:
+                break
+    finally:
+        close()
+    failures.check(demuxer.container, f"after {src.bytes_in} bytes")
     await src.drain()
-    return StreamInfo(demuxer.container, "opus", stream.decoder.channels)
+    return StreamInfo(demuxer.container, "opus", channels)
 
 
 async def _job_bytes(src: ByteSource) -> tuple[bytes | None, bool]:
@@ -293,34 +317,6 @@ async def _job_bytes(src: ByteSource) -> tuple[bytes | None, bool]:
         parts.append(more)
         size += len(more)
     return b"".join(parts), False
-
-
-async def _decode_remote(
-    src: ByteSource,
-    demuxer: Demuxer,
-    packets: list[Packet],
-    process: DecodeProcess,
-    writer: ChunkWriter,
-) -> StreamInfo:
-    key = next(process.keys)
-    try:
-        channels = await process.call(key, "open", demuxer)
-        failures = _Failures(0, 0, None, None)
-        final = False
-        while not final:
-            data, final = await _job_bytes(src)
-            decoded, failures = await process.call(key, "step", (data or b"", packets, final))
-            packets = []
-            writer.add_busy(decoded.busy_s)
-            if decoded.samples is not None:
-                await writer.write(decoded.samples, src.received_at)
-            if decoded.stop:
-                break
-    finally:
-        process.forget(key)
-    failures.check(demuxer.container, f"after {src.bytes_in} bytes")
-    await src.drain()
-    return StreamInfo(demuxer.container, "opus", channels)
 
 
 class _Call:
