@@ -344,7 +344,11 @@ class DecodeProcess:
     one pipe write and one read per batch, no thread. The process has its own GIL, so neither
     libopus nor the demuxing competes with the event loop for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, reply_timeout_s: float = 30.0) -> None:
+        # A batch's reply not back within this is a hung process: it is killed and replaced.
+        # A batch is at most MAX_JOB_BYTES per session (~10 ms of decoding each), so even
+        # a thousand fast uploads at once are well within it.
+        self.reply_timeout_s = reply_timeout_s
         self.keys = itertools.count()
         self._pending: list[_Call] = []
         self._changed = anyio.Event()
@@ -413,20 +417,27 @@ class DecodeProcess:
                     if not batch:
                         continue
                 self._sent = batch
+                failure: str | None = None
                 try:
                     frame = pickle.dumps(
                         [(c.key, c.op, c.args) for c in batch], protocol=pickle.HIGHEST_PROTOCOL
                     )
-                    await process.stdin.send(len(frame).to_bytes(4, "little") + frame)
-                    size = int.from_bytes(await replies.receive_exactly(4), "little")
-                    results = pickle.loads(await replies.receive_exactly(size))
+                    with anyio.fail_after(self.reply_timeout_s):
+                        await process.stdin.send(len(frame).to_bytes(4, "little") + frame)
+                        size = int.from_bytes(await replies.receive_exactly(4), "little")
+                        results = pickle.loads(await replies.receive_exactly(size))
+                except TimeoutError:
+                    failure = f"no reply in {self.reply_timeout_s:g} s"
+                    process.kill()
                 except (
                     anyio.EndOfStream,
                     anyio.IncompleteRead,
                     anyio.BrokenResourceError,
                     OSError,
                 ) as exc:
-                    log.error("the Opus decoding process died (%r); restarting it", exc)
+                    failure = repr(exc)
+                if failure is not None:
+                    log.error("the Opus decoding process failed (%s); restarting it", failure)
                     self._fail(
                         batch,
                         StreamerError(ErrorCode.DECODE_FAILED, "the Opus decoding process died"),

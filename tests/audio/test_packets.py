@@ -234,3 +234,42 @@ async def test_stopping_the_decoding_process_fails_the_steps_it_was_running() ->
             runner.cancel()
     [ended] = outcome
     assert isinstance(ended, RuntimeError) and "stopped" in str(ended)
+
+
+async def test_a_hung_decoding_process_is_killed_and_replaced() -> None:
+    """A process that stops answering (stuck in libopus, stopped by a debugger) must not stall
+    every webm session for ever: past the reply timeout it is killed, its sessions end with
+    decode_failed, and a new process decodes the next session."""
+    data = (DATA / "speech.webm").read_bytes()
+    pool = DecodeProcess(reply_timeout_s=1.0)
+
+    async def slow() -> AsyncIterator[bytes]:
+        for piece in split(data, 500):
+            yield piece
+            await anyio.sleep(0.01)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run)
+            results: list[Decoded] = []
+
+            async def first() -> None:
+                results.append(await decode_pieces(slow(), pool=pool))
+
+            tg.start_soon(first)
+            while pool.jobs < 3:
+                await anyio.sleep(0.01)
+            [child] = [
+                p for p in psutil.Process().children() if "opus_worker" in " ".join(p.cmdline())
+            ]
+            child.suspend()  # SIGSTOP: alive, but it never replies
+            while not results:
+                await anyio.sleep(0.05)
+            [stalled] = results
+            assert stalled.error is not None and stalled.error.code is ErrorCode.DECODE_FAILED
+            assert 0 < stalled.frames < SPEECH_SAMPLES
+            assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+            after = await decode_pieces(split(data, 500), pool=pool)
+            assert after.error is None and after.frames == SPEECH_SAMPLES
+            assert pool.restarts == 1
+            tg.cancel_scope.cancel()
