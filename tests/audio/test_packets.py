@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import anyio.lowlevel
@@ -158,58 +158,64 @@ async def test_damaged_packets_inside_merged_runs_are_skipped_one_by_one(pool_cl
     assert np.array_equal(merged.samples, alone.samples)
 
 
-async def test_a_dead_decoding_process_fails_its_sessions_and_is_replaced() -> None:
-    """A crash in libopus or the demuxer kills only the decoding process: the sessions it held
-    end with decode_failed (after the audio decoded before), and the next session is decoded
-    by a new process."""
+async def _paced(data: bytes, size: int, pause_s: float) -> AsyncIterator[bytes]:
+    """An upload arriving in ``size``-byte pieces ``pause_s`` apart, as a live one does."""
+    for piece in split(data, size):
+        yield piece
+        await anyio.sleep(pause_s)
+
+
+def _decoding_process() -> psutil.Process:
+    [child] = [p for p in psutil.Process().children() if "opus_worker" in " ".join(p.cmdline())]
+    return child
+
+
+async def _spoil_mid_session(
+    pool: DecodeProcess, spoil: Callable[[psutil.Process], None]
+) -> tuple[Decoded, Decoded, psutil.Process]:
+    """One live session into ``pool``; once it is in the decoding process, ``spoil`` that
+    process. Returns the session's outcome, that of a session decoded after it, and the
+    process spoiled."""
     data = (DATA / "speech.webm").read_bytes()
-    pool = DecodeProcess()
-    pieces = split(data, 500)
-
-    async def slow() -> AsyncIterator[bytes]:
-        for piece in pieces:
-            yield piece
-            await anyio.sleep(0.01)
-
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.run)
             results: list[Decoded] = []
 
             async def first() -> None:
-                results.append(await decode_pieces(slow(), pool=pool))
+                results.append(await decode_pieces(_paced(data, 500, 0.01), pool=pool))
 
             tg.start_soon(first)
             while pool.jobs < 3:  # the session is in the process by now
                 await anyio.sleep(0.01)
-            [child] = [
-                p for p in psutil.Process().children() if "opus_worker" in " ".join(p.cmdline())
-            ]
-            child.kill()
+            child = _decoding_process()
+            spoil(child)
             while not results:
                 await anyio.sleep(0.01)
-            [crashed] = results
-            assert crashed.error is not None and crashed.error.code is ErrorCode.DECODE_FAILED
-            assert "decoding process" in crashed.error.message
-            assert 0 < crashed.frames < SPEECH_SAMPLES
             after = await decode_pieces(split(data, 500), pool=pool)
-            assert after.error is None and after.frames == SPEECH_SAMPLES
-            assert pool.restarts == 1
             tg.cancel_scope.cancel()
+    return results[0], after, child
+
+
+async def test_a_dead_decoding_process_fails_its_sessions_and_is_replaced() -> None:
+    """A crash in libopus or the demuxer kills only the decoding process: the sessions it held
+    end with decode_failed (after the audio decoded before), and the next session is decoded
+    by a new process."""
+    pool = DecodeProcess()
+    crashed, after, _ = await _spoil_mid_session(pool, psutil.Process.kill)
+    assert crashed.error is not None and crashed.error.code is ErrorCode.DECODE_FAILED
+    assert "decoding process" in crashed.error.message
+    assert 0 < crashed.frames < SPEECH_SAMPLES
+    assert after.error is None and after.frames == SPEECH_SAMPLES
+    assert pool.restarts == 1
 
 
 async def test_stopping_the_decoding_process_fails_the_steps_it_was_running() -> None:
     """Shutdown cancels the process's runner while a batch is in the process: the sessions
-    waiting for that batch's replies must get an error, not wait for ever (their wait is
-    shielded, so nothing else would end it)."""
+    waiting for that batch's replies must get an error, not wait for ever (nothing else would
+    answer them)."""
     data = (DATA / "speech.webm").read_bytes()
     pool = DecodeProcess()
-
-    async def slow() -> AsyncIterator[bytes]:
-        for piece in split(data, 200):
-            yield piece
-            await anyio.sleep(0.005)
-
     outcome: list[BaseException | Decoded] = []
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
@@ -221,7 +227,7 @@ async def test_stopping_the_decoding_process_fails_the_steps_it_was_running() ->
 
             async def session() -> None:
                 try:
-                    outcome.append(await decode_pieces(slow(), pool=pool))
+                    outcome.append(await decode_pieces(_paced(data, 200, 0.005), pool=pool))
                 except* RuntimeError as group:
                     outcome.extend(group.exceptions)
 
@@ -240,36 +246,11 @@ async def test_a_hung_decoding_process_is_killed_and_replaced() -> None:
     """A process that stops answering (stuck in libopus, stopped by a debugger) must not stall
     every webm session for ever: past the reply timeout it is killed, its sessions end with
     decode_failed, and a new process decodes the next session."""
-    data = (DATA / "speech.webm").read_bytes()
     pool = DecodeProcess(reply_timeout_s=1.0)
-
-    async def slow() -> AsyncIterator[bytes]:
-        for piece in split(data, 500):
-            yield piece
-            await anyio.sleep(0.01)
-
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.run)
-            results: list[Decoded] = []
-
-            async def first() -> None:
-                results.append(await decode_pieces(slow(), pool=pool))
-
-            tg.start_soon(first)
-            while pool.jobs < 3:
-                await anyio.sleep(0.01)
-            [child] = [
-                p for p in psutil.Process().children() if "opus_worker" in " ".join(p.cmdline())
-            ]
-            child.suspend()  # SIGSTOP: alive, but it never replies
-            while not results:
-                await anyio.sleep(0.05)
-            [stalled] = results
-            assert stalled.error is not None and stalled.error.code is ErrorCode.DECODE_FAILED
-            assert 0 < stalled.frames < SPEECH_SAMPLES
-            assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
-            after = await decode_pieces(split(data, 500), pool=pool)
-            assert after.error is None and after.frames == SPEECH_SAMPLES
-            assert pool.restarts == 1
-            tg.cancel_scope.cancel()
+    # SIGSTOP: alive, but it never replies.
+    stalled, after, child = await _spoil_mid_session(pool, psutil.Process.suspend)
+    assert stalled.error is not None and stalled.error.code is ErrorCode.DECODE_FAILED
+    assert 0 < stalled.frames < SPEECH_SAMPLES
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert after.error is None and after.frames == SPEECH_SAMPLES
+    assert pool.restarts == 1
