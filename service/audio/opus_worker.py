@@ -9,7 +9,8 @@ little-endian length and a pickle (both ends are this package). A request batch 
 ``repr`` of an exception or None.
 
 - ``("open", demuxer)``: start a stream for ``key`` from the demuxer that read its headers;
-- ``("step", (data, packets, final))``: its :meth:`_OpusStream.step` and then its error state;
+- ``("step", (data, packets, final))``: its :meth:`_OpusStream.step` and then its error state,
+  as :func:`service.audio.packets.pack_step` puts them;
 - ``("close", None)``: forget it.
 """
 
@@ -34,7 +35,7 @@ def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
 def main() -> None:
     import signal
 
-    from service.audio.packets import _OpusStream
+    from service.audio.packets import _OpusStream, pack_step
 
     # The server ends this process by closing its stdin (or kills it); a Ctrl-C or SIGTERM sent
     # to the whole process group must not end it first, with the server's sessions mid-step.
@@ -58,8 +59,7 @@ def main() -> None:
                     replies.append((streams[key].decoder.channels, None))
                 elif op == "step":
                     stream = streams[key]
-                    decoded = stream.step(*args)
-                    replies.append(((decoded, stream.failure_state()), None))
+                    replies.append((pack_step(stream.step(*args), stream.failure_state()), None))
                 else:
                     streams.pop(key, None)
                     replies.append((None, None))

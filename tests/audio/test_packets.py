@@ -14,7 +14,14 @@ import pytest
 from conftest import DATA, SPEECH_SAMPLES, Decoded, decode_pieces, split
 
 from service.audio.opus import available
-from service.audio.packets import DecodePool, DecodeProcess
+from service.audio.packets import (
+    DecodePool,
+    DecodeProcess,
+    _Decoded,
+    _Failures,
+    pack_step,
+    unpack_step,
+)
 from service.errors import ErrorCode
 
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not available(), reason="libopus not found")]
@@ -47,6 +54,20 @@ async def with_pool(
                     sessions.start_soon(one, i)
             tg.cancel_scope.cancel()
     return pool, results
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_step_crosses_from_the_process_as_plain_values(channels: int) -> None:
+    samples = np.random.default_rng(0).uniform(-1, 1, (channels, 960)).astype(np.float32)
+    failures = _Failures(3, 1, "corrupted stream", None)
+    reply = pack_step(_Decoded(samples, 0.25, False), failures)
+    assert all(isinstance(v, (bytes, int, float, str, type(None))) for v in reply)
+    decoded, back = unpack_step(reply)
+    assert decoded.samples is not None and decoded.samples.shape == (channels, 960)
+    assert np.array_equal(decoded.samples, samples)
+    assert (decoded.busy_s, decoded.stop, back) == (0.25, False, failures)
+    nothing, _ = unpack_step(pack_step(_Decoded(None, 0.0, True), _Failures(0, 0, None, "x")))
+    assert nothing.samples is None and nothing.stop
 
 
 @pytest.mark.parametrize("name", ["speech.webm", "speech.ogg"])
