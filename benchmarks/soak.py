@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -75,11 +76,12 @@ async def one_session(client: httpx.AsyncClient) -> tuple[int, float]:
     return r.json()["segments"], time.monotonic() - t0
 
 
-async def run(url: str, n: int, concurrency: int) -> dict[str, float]:
+async def run(url: str, n: int, concurrency: int) -> dict[str, Any]:
     limiter = anyio.CapacityLimiter(concurrency)
     segments: list[int] = []
     latencies: list[float] = []
     failures = 0
+    errors: list[str] = []  # what the first few failures were: a count alone says nothing
     limits = httpx.Limits(
         max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2
     )
@@ -92,8 +94,10 @@ async def run(url: str, n: int, concurrency: int) -> dict[str, float]:
                     s, t = await one_session(client)
                     segments.append(s)
                     latencies.append(t)
-                except (httpx.HTTPError, KeyError, ValueError):
+                except (httpx.HTTPError, KeyError, ValueError) as exc:
                     failures += 1
+                    if len(errors) < 5:
+                        errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
         async with anyio.create_task_group() as tg:
             for _ in range(n):
@@ -103,6 +107,7 @@ async def run(url: str, n: int, concurrency: int) -> dict[str, float]:
         "failures": failures,
         "segments": sum(segments),
         "median_s": statistics.median(latencies) if latencies else float("nan"),
+        "errors": errors,
     }
 
 
@@ -145,6 +150,8 @@ def main() -> None:
     print(f"{f'RSS after {args.concurrent} concurrent':<34}{peak:8.1f}")
     print(f"{'RSS after retention expired':<34}{after:8.1f}")
     print(f"{'failures':<34}{short['failures'] + burst['failures']:8}")
+    for error in short["errors"] + burst["errors"]:
+        print(f"  {error}")
     print(json.dumps(report))
 
 
