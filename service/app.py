@@ -93,6 +93,7 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runtime.batcher.run)
+                tg.start_soon(observability.metrics.watch_loop)
                 if runtime.decoders is not None:
                     tg.start_soon(runtime.decoders.run)
                 app.state.registry = Registry(runtime, tg, store)

@@ -13,9 +13,11 @@ the stream-seconds in the batch) and ``model_inference`` (one per model call).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+import anyio
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -39,8 +41,6 @@ from service.session.session import EndReason
 from service.vad.silero import FRAME
 
 if TYPE_CHECKING:
-    import anyio
-
     from service.session.session import Session
 
 T = TypeVar("T")
@@ -71,6 +71,10 @@ LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.
 QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SESSION_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+# An idle loop wakes a sleeper within ~1 ms (epoll's millisecond timeout); a loaded one later.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# How often the loop's lateness is sampled: ten timer wake-ups a second cost nothing.
+LOOP_SAMPLE_S = 0.1
 
 # Event types as labelled: the API's, with segments split by finality (finals are the product;
 # interims are optional extras whose volume and lag differ).
@@ -201,6 +205,16 @@ class Metrics:
             registry=r,
         )
 
+        # The one event loop that every session shares: its lateness is what one process has
+        # left before its streams fall behind (streams held per process, BENCHMARKS.md).
+        self.loop_lag = Histogram(
+            "streamer_event_loop_lag_seconds",
+            f"How much later than asked the event loop wakes a task sleeping {LOOP_SAMPLE_S:g} s: "
+            "its backlog of ready work, a long callback or a GC pause",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
+
         # Every known label value from the start, at zero: rate() and alerts need the series
         # to exist before the first event.
         for stage in STAGES:
@@ -250,6 +264,15 @@ class Metrics:
         media.observe(media_s)
         processing.observe(processing_s)
         rtf.observe(processing_s / media_s)
+
+    async def watch_loop(self, interval_s: float = LOOP_SAMPLE_S) -> None:
+        """Sample the event loop's lateness every ``interval_s`` until cancelled (the app's
+        lifespan runs it)."""
+        observe = self.loop_lag.observe
+        while True:
+            t0 = time.monotonic()
+            await anyio.sleep(interval_s)
+            observe(max(0.0, time.monotonic() - t0 - interval_s))
 
     def vad_batch(self, seconds: float, streams: int, frames: int) -> None:
         """:class:`VadBatcher`'s ``on_batch``: one batch's compute time over its stream-seconds."""

@@ -142,6 +142,17 @@ async def test_errors_count_once_by_code(server: Server) -> None:
     assert delta(after, before, "streamer_sessions_ended_total", reason="error") == 1
 
 
+async def test_the_event_loop_is_sampled_while_the_server_runs(server: Server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        with anyio.fail_after(30):
+            before = await scrape(client)
+            await anyio.sleep(0.5)
+            after = await scrape(client)
+    # Ten samples a second; a loose lower bound, as the test machine may be busy.
+    assert delta(after, before, "streamer_event_loop_lag_seconds_count") >= 2
+    assert delta(after, before, "streamer_event_loop_lag_seconds_sum") >= 0
+
+
 async def test_subscribers_and_created_sessions_are_live_gauges(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         with anyio.fail_after(30):

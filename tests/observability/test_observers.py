@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -156,3 +157,26 @@ def test_two_apps_do_not_share_figures() -> None:
     assert a.registry.get_sample_value(
         "streamer_rtf_sum", {"stage": "vad_processing"}
     ) == pytest.approx(0.0025)
+
+
+@pytest.mark.anyio
+async def test_a_blocked_event_loop_shows_in_the_loop_lag_histogram() -> None:
+    metrics = Metrics()
+
+    def observed(le: str) -> float:
+        sample = metrics.registry.get_sample_value(
+            "streamer_event_loop_lag_seconds_bucket", {"le": le}
+        )
+        return sample or 0.0
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(metrics.watch_loop, 0.01)
+            await anyio.sleep(0.1)
+            assert observed("+Inf") >= 3  # sampled while the loop is idle too
+            late = observed("+Inf") - observed("0.25")
+            time.sleep(0.3)  # blocks the loop: the stall under test
+            await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+    # The sleeper woke ~0.3 s late (>= rather than ==: a busy test machine may add a stall).
+    assert observed("+Inf") - observed("0.25") >= late + 1
