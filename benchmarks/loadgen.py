@@ -22,6 +22,11 @@ chunks (a heap step and a non-blocking socket write per chunk, no task wake-up p
 200 streams it uses ~10% of a core (an httpx client with a task per stream used ~45%, and its
 own loop lag, up to 0.5 s at 250 streams, ended up in the lag figures).
 
+It also scrapes the server's ``/metrics`` before and after and prints the server's own view:
+the p99 bucket of ``streamer_event_lag_seconds`` (a chunk's arrival to the event) and of
+``streamer_event_loop_lag_seconds``. Measured lag far above the server's own says the time went
+outside it: in the sockets, or waiting for a CPU on a machine the server shares.
+
     .venv/bin/python benchmarks/loadgen.py --spawn --streams 20
     .venv/bin/python benchmarks/loadgen.py --spawn --find-max --max-streams 800
     .venv/bin/python benchmarks/loadgen.py --url http://127.0.0.1:8000 --server-pid 1234 --ws
@@ -543,6 +548,7 @@ async def run_step(opts: Options, audio: Audio, n: int) -> dict[str, Any]:
     parsed = urlsplit(opts.url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
     pacer = _Pacer(audio)
+    scraped = [await scrape_histograms(opts.url)]
     with anyio.move_on_after(budget):
         async with anyio.create_task_group() as tg:
             tg.start_soon(_sample, proc, peak, loop_lag)
@@ -559,10 +565,14 @@ async def run_step(opts: Options, audio: Audio, n: int) -> dict[str, Any]:
     wall = time.monotonic() - wall0
     cpu_self = _minus(own_cpu_seconds(), cpu0_self)
     cpu_server = _minus(proc.cpu_split(), cpu0_server) if proc else None
+    scraped.append(await scrape_histograms(opts.url))
     for s in streams:
         if s.end_reason is None and s.failure is None:
             s.failure = f"no end within {budget:g} s"
-    return summarise(opts, audio, streams, wall, cpu_self, cpu_server, rss0, peak[0], loop_lag)
+    result = summarise(opts, audio, streams, wall, cpu_self, cpu_server, rss0, peak[0], loop_lag)
+    for key in SERVER_HISTOGRAMS:
+        result[f"server_{key}_lag_p99_le_ms"] = server_p99_ms(scraped[0], scraped[1], key)
+    return result
 
 
 def summarise(
@@ -674,6 +684,10 @@ FIGURES: list[tuple[str, str | tuple[str, ...]]] = [
     ("  final segments p50 / p99, ms", ("final_lag_p50_ms", "final_lag_p99_ms")),
     ("  inactive p50 / p99, ms", ("inactive_lag_p50_ms", "inactive_lag_p99_ms")),
     ("  per-stream p99: median / worst, ms", ("stream_p99_median_ms", "stream_p99_worst_ms")),
+    (
+        "server's own view, p99 <= : event lag / loop lag, ms",
+        ("server_event_lag_p99_le_ms", "server_loop_lag_p99_le_ms"),
+    ),
     ("wall, s", "wall_s"),
     (
         "server CPU, s / of it system, s / % of a core",
@@ -815,6 +829,54 @@ async def wait_idle(url: str, timeout_s: float = 30.0) -> None:
                 except httpx.HTTPError:
                     pass
                 await anyio.sleep(0.5)
+
+
+Histograms = dict[str, dict[float, float]]  # metric -> upper bound -> cumulative count
+# The server's own view: lag from a chunk's arrival to the event (finals and inactive, as the
+# load generator measures), and how late its event loop wakes (streamer_event_loop_lag_seconds).
+SERVER_HISTOGRAMS = {
+    "event": ("streamer_event_lag_seconds", {"final", "inactive"}),
+    "loop": ("streamer_event_loop_lag_seconds", None),
+}
+
+
+async def scrape_histograms(url: str) -> Histograms | None:
+    """The server's histograms of :data:`SERVER_HISTOGRAMS` (label sets summed); None when
+    ``/metrics`` does not answer (another server, metrics off)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+            r = await client.get(f"{url}/metrics")
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    out: Histograms = {key: {} for key in SERVER_HISTOGRAMS}
+    names = {f"{name}_bucket": (key, types) for key, (name, types) in SERVER_HISTOGRAMS.items()}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            if sample.name not in names:
+                continue
+            key, types = names[sample.name]
+            if types is not None and sample.labels.get("type") not in types:
+                continue
+            bound = float(sample.labels["le"])
+            out[key][bound] = out[key].get(bound, 0.0) + sample.value
+    return out
+
+
+def server_p99_ms(before: Histograms | None, after: Histograms | None, key: str) -> float | None:
+    """The upper bound of the bucket holding the 99th percentile of what ``key`` observed
+    between two scrapes, in ms (a histogram gives no more than that); None if nothing was."""
+    if before is None or after is None or not after.get(key):
+        return None
+    counts = sorted((b, c - before[key].get(b, 0.0)) for b, c in after[key].items())
+    total = counts[-1][1]
+    if total <= 0:
+        return None
+    bound = next(b for b, c in counts if c >= 0.99 * total)
+    return None if math.isinf(bound) else round(bound * 1000, 1)
 
 
 async def warm_up(url: str, ws: bool) -> None:

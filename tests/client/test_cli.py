@@ -280,3 +280,6 @@ def test_loadgen_smoke(server: Server) -> None:
     assert figures["events_measured"] >= 3
     assert figures["server_cpu_s"] is not None and figures["server_rss_peak_mb"] > 0
     assert figures["lag_p99_ms"] is not None
+    # The server's own histograms, scraped before and after: its share of the lag, its loop.
+    assert figures["server_event_lag_p99_le_ms"] is not None
+    assert figures["server_loop_lag_p99_le_ms"] is not None
