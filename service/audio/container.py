@@ -132,7 +132,7 @@ def decode_failure(
     message = (
         f"{packets} failed to decode ({reason}); decoding stopped {where}"
         if stopped
-        else f"{packets} failed to decode and were skipped ({reason})"
+        else f"{packets} failed to decode and {'was' if errors == 1 else 'were'} skipped ({reason})"
     )
     return StreamerError(ErrorCode.DECODE_FAILED, message)
 

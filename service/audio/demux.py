@@ -12,10 +12,14 @@ from service.audio.opus import OpusHead
 @dataclass(frozen=True, slots=True)
 class Packet:
     """One Opus packet; ``trim_end`` samples (at 48 kHz) of its decoded audio are padding that
-    the container says to drop (Matroska's DiscardPadding, Ogg's final granule position)."""
+    the container says to drop (Matroska's DiscardPadding, Ogg's final granule position).
+
+    With ``damage``, no packet but the place of what the container lost there (an Ogg page that
+    failed its checksum): the decoder counts it as a packet that failed to decode."""
 
     data: bytes
     trim_end: int = 0
+    damage: str | None = None
 
 
 class DemuxError(Exception):

@@ -170,7 +170,12 @@ class _OpusStream:
             # Runs of untrimmed packets decode merged, one call each (OpusDecoder.decode_run);
             # what does not merge, and a trimmed packet (the last), decodes alone.
             j = i
-            while j < len(packets) and j - i < MAX_RUN and packets[j].trim_end == 0:
+            while (
+                j < len(packets)
+                and j - i < MAX_RUN
+                and packets[j].trim_end == 0
+                and packets[j].damage is None
+            ):
                 j += 1
             if j - i >= 2:
                 run = self.decoder.decode_run([p.data for p in packets[i:j]])
@@ -182,6 +187,8 @@ class _OpusStream:
             packet = packets[i]
             i += 1
             try:
+                if packet.damage is not None:
+                    raise OpusError(packet.damage)  # lost in the container: counted alike
                 samples = self.decoder.decode(packet.data, packet.trim_end)
             except OpusError as exc:
                 # Damaged packets are skipped: the audio after them is still worth having.

@@ -15,6 +15,7 @@ import pytest
 
 from service.audio.chunk import AudioChunk
 from service.audio.decoder import DecodeResult, decode
+from service.audio.ogg import page_checksum
 from service.audio.packets import DecodePool, DecodeProcess
 from service.config import PcmFormat
 from service.errors import StreamerError
@@ -88,6 +89,26 @@ async def decode_pieces(
             except StreamerError as exc:
                 out.error = exc
     return out
+
+
+def ogg_pages(data: bytes | bytearray) -> list[tuple[int, int]]:
+    """``(start, end)`` of every page, walked by the lengths in the headers."""
+    pages, pos = [], 0
+    while pos < len(data):
+        count = data[pos + 26]
+        end = pos + 27 + count + sum(data[pos + 27 : pos + 27 + count])
+        pages.append((pos, end))
+        pos = end
+    return pages
+
+
+def resigned(data: bytes | bytearray) -> bytes:
+    """``data`` with every Ogg page's checksum made right again: tests that damage packets on
+    purpose, to see what libopus makes of them, must get past the demuxer's check first."""
+    out = bytearray(data)
+    for start, end in ogg_pages(out):
+        out[start + 22 : start + 26] = page_checksum(out[start:end]).to_bytes(4, "little")
+    return bytes(out)
 
 
 def split(data: bytes, size: int) -> list[bytes]:

@@ -11,7 +11,15 @@ import av
 import numpy as np
 import psutil
 import pytest
-from conftest import DATA, SPEECH_SAMPLES, Decoded, decode_pieces, split
+from conftest import (
+    DATA,
+    SPEECH_SAMPLES,
+    Decoded,
+    decode_pieces,
+    ogg_pages,
+    resigned,
+    split,
+)
 
 from service.audio.opus import available
 from service.audio.packets import (
@@ -132,10 +140,30 @@ async def test_a_run_of_bad_packets_stops_decoding_with_an_error(pool_cls: Pool)
         size = sum(data[pos + 27 : body])
         data[body : body + size] = b"\xff" * size
         pos = body + size
-    _, [decoded] = await with_pool(pool_cls, split(bytes(data), 4096))
+    _, [decoded] = await with_pool(pool_cls, split(resigned(data), 4096))
     assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
     assert "decoding stopped" in decoded.error.message
     assert decoded.frames == 0
+
+
+async def test_an_ogg_page_that_fails_its_checksum_costs_its_audio_and_is_reported(
+    pool_cls: Pool,
+) -> None:
+    data = bytearray((DATA / "speech.ogg").read_bytes())
+    start, _ = ogg_pages(data)[5]
+    data[start + 300] ^= 0x55  # inside a packet: libopus alone would decode it into noise
+    _, [decoded] = await with_pool(pool_cls, split(bytes(data), 4096))
+    assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
+    assert decoded.error.message.startswith(
+        "1 opus packet of the ogg stream failed to decode and was skipped"
+    )
+    assert "checksum" in decoded.error.message
+    decoded.assert_contiguous()
+    # The audio before and after the page is kept; the page's is gone, as FFmpeg drops it.
+    with av.open(io.BytesIO(bytes(data))) as container:
+        ffmpeg = sum(f.samples for f in container.decode(audio=0))  # 48 kHz
+    assert decoded.frames == pytest.approx(ffmpeg / 3, abs=2 * 320)
+    assert 0 < decoded.frames < SPEECH_SAMPLES - 16000 // 2
 
 
 async def test_cancelling_a_waiting_session_leaves_the_pool_serving_others(pool_cls: Pool) -> None:
@@ -167,11 +195,11 @@ async def test_damaged_packets_inside_merged_runs_are_skipped_one_by_one(pool_cl
             damaged += 1
         pos = body + sum(lacing)
     assert damaged == 5
-    _, [merged] = await with_pool(pool_cls, split(bytes(data), 4096))
+    _, [merged] = await with_pool(pool_cls, split(resigned(data), 4096))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("service.audio.packets.MAX_RUN", 1)  # packet by packet, as before runs
         # In this process, where the patch applies (a decoding process has its own MAX_RUN).
-        _, [alone] = await with_pool(DecodePool, split(bytes(data), 4096))
+        _, [alone] = await with_pool(DecodePool, split(resigned(data), 4096))
     for decoded in (merged, alone):
         assert decoded.error is not None and decoded.error.code is ErrorCode.DECODE_FAILED
         assert decoded.error.message.startswith("5 opus packets of the ogg stream failed")
