@@ -109,9 +109,10 @@ class _Plan:
         """On success only: the new states and contexts go to the streams, so a failed batch
         leaves every stream as it was. Returns the probabilities per stream, in input order.
 
-        Each stream gets views into arrays made once per call (its probabilities, its state,
-        its context), not copies of its own: the arrays are small (a call's streams share
-        them until their next batch) and nothing writes to them in place."""
+        The probabilities are views into the call's output (read at once, not kept). The
+        state and context each stream keeps are copies: a view would keep the whole call's
+        arrays alive for as long as the stream waits for audio, one call's worth per idle
+        stream."""
         # Streams without frames are in no call: they share one empty array (an array per
         # stream here, most of them replaced at once, was a measurable share of this method).
         none = np.zeros(0, dtype=np.float32)
@@ -121,12 +122,12 @@ class _Plan:
             # (B, 2, 1, 128): one contiguous state per row, in the shape a stream keeps.
             states = np.ascontiguousarray(new_state.transpose(1, 0, 2))[:, :, None, :]
             last = lengths - 1
-            contexts = inputs[np.arange(len(rows)), last, -CONTEXT:].copy()
+            contexts = inputs[np.arange(len(rows)), last, -CONTEXT:]  # (fancy: a new array)
             for b, j in enumerate(rows):
                 stream = flat[j][0]
                 results[j] = probs[b, : counts[j]]
-                stream.state = states[b]
-                stream.context = contexts[b]
+                stream.state = states[b].copy()
+                stream.context = contexts[b].copy()
         return results
 
 

@@ -88,6 +88,19 @@ def test_infer_sync_equals_one_by_one(onnx_session: ort.InferenceSession, speech
     assert max(e.max() for e in expected if len(e)) > 0.9
 
 
+def test_streams_keep_their_own_state_not_views_of_a_batch(
+    onnx_session: ort.InferenceSession, speech: Clip
+) -> None:
+    # A stream waiting for audio keeps its state and context until its next batch: views into
+    # the batch's arrays would keep a whole batch's worth alive for each idle stream.
+    batcher = VadBatcher(onnx_session, max_batch=64, limiter=anyio.CapacityLimiter(1))
+    streams = [VadStream() for _ in range(5)]
+    batcher.infer_sync(list(zip(streams, clips_from(speech, 5, 3), strict=True)))
+    for stream in streams:
+        assert stream.state.base is None and stream.context.base is None
+        assert stream.state.shape == (2, 1, 128) and stream.context.shape == (64,)
+
+
 def test_reference_steps_take_the_streams_that_still_have_frames() -> None:
     recording = RecordingSession(load_session(graph="reference"))
     frames = [np.zeros((k, FRAME), np.float32) for k in (3, 1, 2, 7, 7)]
