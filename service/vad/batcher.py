@@ -118,16 +118,12 @@ class _Plan:
         none = np.zeros(0, dtype=np.float32)
         results = [none] * len(self.flat)
         flat, counts = self.flat, self.counts
-        for (rows, inputs, _, lengths), (probs, new_state) in zip(self.calls, outputs, strict=True):
-            # (B, 2, 1, 128): one contiguous state per row, in the shape a stream keeps.
-            states = np.ascontiguousarray(new_state.transpose(1, 0, 2))[:, :, None, :]
-            last = lengths - 1
-            contexts = inputs[np.arange(len(rows)), last, -CONTEXT:]  # (fancy: a new array)
+        for (rows, _, _, _), (probs, new_state) in zip(self.calls, outputs, strict=True):
             for b, j in enumerate(rows):
-                stream = flat[j][0]
+                stream, frames = flat[j]
                 results[j] = probs[b, : counts[j]]
-                stream.state = states[b].copy()
-                stream.context = contexts[b].copy()
+                stream.state = new_state[:, b : b + 1].copy()
+                stream.context = frames[-1, -CONTEXT:].copy()
         return results
 
 
