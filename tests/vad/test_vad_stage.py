@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from service.audio.chunk import AudioChunk
 from service.config import VadParams
 from service.vad.batcher import VadBatcher, VadInferenceError
+from service.vad.segmenter import FEW_FRAMES
 from service.vad.silero import FRAME
 from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
 from service.vad.stage import VadStage, VadSummary, vad_stage
@@ -418,10 +419,11 @@ def test_skipping_runs_of_frames_changes_no_output(
     params = VadParams(redemption_ms=redemption, max_segment_ms=max_segment, min_speech_ms=90)
     cuts = every(chunk_frames * FRAME, audio.shape[1])
 
-    def run(skip_min: int) -> list[VadOutput]:
+    def run(skip_min: int, few_frames: int = FEW_FRAMES) -> list[VadOutput]:
         batcher = ScriptedBatcher(lambda _s, t: script[t] if t < len(script) else 0.05)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr("service.vad.stage.SKIP_MIN_FRAMES", skip_min)
+            mp.setattr("service.vad.segmenter.FEW_FRAMES", few_frames)
             outputs, _ = anyio.run(
                 lambda: run_stage(chunks_of(audio, cuts), batcher, params, interim)
             )
@@ -430,3 +432,6 @@ def test_skipping_runs_of_frames_changes_no_output(
     pushed = _as_rows(run(10**9))
     assert _as_rows(run(1)) == pushed  # every run skipped, however short (as shipped)
     assert _as_rows(run(8)) == pushed
+    # Both ways of counting a skip: numpy for every run, and Python for every run.
+    assert _as_rows(run(1, few_frames=0)) == pushed
+    assert _as_rows(run(1, few_frames=10**9)) == pushed
