@@ -18,13 +18,15 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from service.app import create_app, shutdown_sessions
 from service.observability.logs import configure_logging
+from service.observability.loop import TimedEventLoop
 from service.settings import Settings
 from service.workers import supervise
 
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(2)
         sys.exit(supervise(settings, hypercorn_config(settings)))
     app = create_app(settings)
-    asyncio.run(_serve(app, settings))
+    _run(_serve(app, settings))
 
 
 def _configure_process(settings: Settings) -> None:
@@ -112,7 +114,14 @@ def run_worker(settings: Settings, bind: list[str]) -> None:
     """One worker of ``--workers N``, in its own process, serving on inherited sockets."""
     _configure_process(settings)
     app = create_app(settings)
-    asyncio.run(_serve(app, settings, bind=bind))
+    _run(_serve(app, settings, bind=bind))
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    # asyncio's own loop, timing its waits for I/O: how busy it is decides whether new sessions
+    # are admitted (service/observability/loop.py).
+    with asyncio.Runner(loop_factory=TimedEventLoop) as runner:
+        runner.run(main)
 
 
 async def _serve(app: object, settings: Settings, bind: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ from service.errors import StreamerError
 from service.model.base import load_model
 from service.model.runner import ModelRunner
 from service.observability import Observability
+from service.observability.loop import LoopLoad
 from service.runtime import Runtime
 from service.session.observer import SessionObserver
 from service.session.registry import Registry
@@ -83,9 +84,11 @@ def create_app(
                 observer=observability.model_observer,
             ),
             observer=observability.session_observer,
+            load=LoopLoad(on_lag=observability.metrics.loop_lag.observe),
             decoders=_decode_pool(settings),
         )
         observability.start(runtime.models.limiter)
+        observability.metrics.watch_loop(runtime.load)
         # sse-starlette only detects uvicorn's shutdown; under hypercorn we set this ourselves.
         app.state.shutdown_event = anyio.Event()
         store = open_store(settings)
@@ -93,7 +96,7 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runtime.batcher.run)
-                tg.start_soon(observability.metrics.watch_loop)
+                tg.start_soon(runtime.load.run)
                 if runtime.decoders is not None:
                     tg.start_soon(runtime.decoders.run)
                 app.state.registry = Registry(runtime, tg, store)

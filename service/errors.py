@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     SESSION_BUSY = "session_busy"
     SESSION_ENDED = "session_ended"
     TOO_MANY_SESSIONS = "too_many_sessions"
+    SERVER_OVERLOADED = "server_overloaded"
     SHUTTING_DOWN = "shutting_down"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # audio
@@ -57,6 +58,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.SESSION_BUSY: 409,
     ErrorCode.SESSION_ENDED: 409,
     ErrorCode.TOO_MANY_SESSIONS: 503,
+    ErrorCode.SERVER_OVERLOADED: 503,
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.EMPTY_AUDIO: 400,
@@ -84,6 +86,7 @@ _WS_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.CONFIG_TOO_LARGE: 1009,
     ErrorCode.UNAUTHORIZED: 1008,
     ErrorCode.TOO_MANY_SESSIONS: 1013,
+    ErrorCode.SERVER_OVERLOADED: 1013,
     ErrorCode.SHUTTING_DOWN: 1001,
     ErrorCode.UNSUPPORTED_FORMAT: 1003,
     ErrorCode.NO_AUDIO_STREAM: 1003,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from service.audio.packets import DecodePool, DecodeProcess
 from service.model.runner import ModelRunner
+from service.observability.loop import LoopLoad
 from service.session.observer import SessionObserver
 from service.settings import Settings
 from service.vad.batcher import VadBatcher
@@ -17,5 +18,7 @@ class Runtime:
     batcher: VadBatcher
     models: ModelRunner
     observer: SessionObserver
+    # How busy the event loop is: new sessions wait while it is too busy.
+    load: LoopLoad
     # WebM/Ogg Opus decoding shared by every session; None: FFmpeg decodes them.
     decoders: DecodePool | DecodeProcess | None = None

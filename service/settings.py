@@ -48,6 +48,12 @@ class Settings:
 
     # Limits.
     max_sessions: int = 1000
+    # New sessions get 503 server_overloaded while the event loop was busier than this over the
+    # last 2 s (0 < x < 1; 0 or 1: never), so that the streams already running keep up rather
+    # than all falling behind together. 0.95 only sheds a saturated loop; 0.85 keeps the
+    # admitted streams' p99 lag under 250 ms here, but refuses part of a burst of new sessions
+    # that the server could then hold (BENCHMARKS.md, service/observability/loop.py).
+    admit_max_loop_busy: float = 0.95
     max_session_seconds: float = 4 * 3600.0
     idle_timeout_seconds: float = 30.0
     unstarted_timeout_seconds: float = 300.0

@@ -62,6 +62,7 @@ _FATAL = frozenset(
     {
         ErrorCode.UNSUPPORTED_FORMAT,
         ErrorCode.TOO_MANY_SESSIONS,
+        ErrorCode.SERVER_OVERLOADED,
         ErrorCode.SHUTTING_DOWN,
         ErrorCode.SESSION_NOT_FOUND,
         ErrorCode.SESSION_BUSY,

@@ -13,7 +13,6 @@ the stream-seconds in the batch) and ``model_inference`` (one per model call).
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -36,6 +35,7 @@ from service.config import MODEL_SAMPLE_RATE
 from service.errors import ErrorCode, StreamerError
 from service.events.types import Error, Event, Segment
 from service.model.runner import ModelCall, ModelObserver
+from service.observability.loop import SAMPLE_S, WINDOW_S, LoopLoad
 from service.session.observer import SessionObserver
 from service.session.session import EndReason
 from service.vad.silero import FRAME
@@ -74,7 +74,6 @@ BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 # An idle loop wakes a sleeper within ~1 ms (epoll's millisecond timeout); a loaded one later.
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # How often the loop's lateness is sampled: ten timer wake-ups a second cost nothing.
-LOOP_SAMPLE_S = 0.1
 
 # Event types as labelled: the API's, with segments split by finality (finals are the product;
 # interims are optional extras whose volume and lag differ).
@@ -205,15 +204,22 @@ class Metrics:
             registry=r,
         )
 
-        # The one event loop that every session shares: its lateness is what one process has
-        # left before its streams fall behind (streams held per process, BENCHMARKS.md).
+        # The one event loop that every session shares: how busy and how late it is says what
+        # one process has left before its streams fall behind (BENCHMARKS.md).
         self.loop_lag = Histogram(
             "streamer_event_loop_lag_seconds",
-            f"How much later than asked the event loop wakes a task sleeping {LOOP_SAMPLE_S:g} s: "
+            f"How much later than asked the event loop wakes a task sleeping {SAMPLE_S:g} s: "
             "its backlog of ready work, a long callback or a GC pause",
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
+        self._loop_load: LoopLoad | None = None
+        Gauge(
+            "streamer_event_loop_busy_ratio",
+            f"Fraction of the last {WINDOW_S:g} s the event loop was not waiting for I/O; new "
+            "sessions get 503 server_overloaded above STREAMER_ADMIT_MAX_LOOP_BUSY",
+            registry=r,
+        ).set_function(lambda: self._loop_load.busy if self._loop_load is not None else 0.0)
 
         # Every known label value from the start, at zero: rate() and alerts need the series
         # to exist before the first event.
@@ -265,14 +271,10 @@ class Metrics:
         processing.observe(processing_s)
         rtf.observe(processing_s / media_s)
 
-    async def watch_loop(self, interval_s: float = LOOP_SAMPLE_S) -> None:
-        """Sample the event loop's lateness every ``interval_s`` until cancelled (the app's
-        lifespan runs it)."""
-        observe = self.loop_lag.observe
-        while True:
-            t0 = time.monotonic()
-            await anyio.sleep(interval_s)
-            observe(max(0.0, time.monotonic() - t0 - interval_s))
+    def watch_loop(self, load: LoopLoad) -> None:
+        """Expose how busy the event loop is (read at scrape time); ``load`` feeds the lag
+        histogram with ``self.loop_lag.observe``."""
+        self._loop_load = load
 
     def vad_batch(self, seconds: float, streams: int, frames: int) -> None:
         """:class:`VadBatcher`'s ``on_batch``: one batch's compute time over its stream-seconds."""

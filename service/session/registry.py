@@ -78,10 +78,18 @@ class Registry:
     def _check_capacity(self) -> None:
         if not self.accepting:
             raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        limit = self.runtime.settings.max_sessions
+        settings = self.runtime.settings
+        limit = settings.max_sessions
         if self.live >= limit:
             raise StreamerError(
                 ErrorCode.TOO_MANY_SESSIONS, f"the server holds its maximum of {limit} sessions"
+            )
+        busy, most = self.runtime.load.busy, settings.admit_max_loop_busy
+        if 0 < most < 1 and busy > most:
+            raise StreamerError(
+                ErrorCode.SERVER_OVERLOADED,
+                f"the server is at capacity (its event loop was {busy:.0%} busy, the limit is "
+                f"{most:.0%}); the sessions it holds come first, try again shortly",
             )
 
     async def create(self, config: SessionConfig) -> str:

@@ -25,6 +25,7 @@ from service.audio.chunk import Samples
 from service.model.base import ModelError
 from service.model.runner import ModelCall, ModelRunner
 from service.observability.fanout import FanOutModelObserver
+from service.observability.loop import LoopLoad
 from service.observability.metrics import Metrics, MetricsObserver
 from service.observability.tracing import Tracing, TracingObserver, parent_from_traceparent
 
@@ -169,9 +170,10 @@ async def test_a_blocked_event_loop_shows_in_the_loop_lag_histogram() -> None:
         )
         return sample or 0.0
 
+    load = LoopLoad(0.01, on_lag=metrics.loop_lag.observe)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(metrics.watch_loop, 0.01)
+            tg.start_soon(load.run)
             await anyio.sleep(0.1)
             assert observed("+Inf") >= 3  # sampled while the loop is idle too
             late = observed("+Inf") - observed("0.25")

@@ -8,6 +8,8 @@ import anyio
 import pytest
 
 from service.config import SessionConfig
+from service.errors import ErrorCode, StreamerError
+from service.observability.loop import LoopLoad
 from service.runtime import Runtime
 from service.session.observer import SessionObserver
 from service.session.registry import Registry
@@ -24,7 +26,9 @@ async def test_live_forgets_ended_sessions_that_are_kept_for_replay() -> None:
     and forgets each once it has ended."""
     settings = Settings.from_env({"STREAMER_RETENTION_SECONDS": "60"})
     # Sessions that never start touch neither the VAD batcher nor the model runner.
-    runtime = Runtime(settings, batcher=None, models=None, observer=SessionObserver())  # type: ignore[arg-type]
+    runtime = Runtime(
+        settings, batcher=None, models=None, observer=SessionObserver(), load=LoopLoad()
+    )
     async with anyio.create_task_group() as tg:
         registry = Registry(runtime, tg)
         ids = [await registry.create(SessionConfig()) for _ in range(3)]
@@ -36,4 +40,25 @@ async def test_live_forgets_ended_sessions_that_are_kept_for_replay() -> None:
         assert len(registry) == 3  # the ended one is still kept for replay...
         unended: dict[str, Any] = registry._unended
         assert set(unended) == set(ids[1:])  # ...but no longer walked by the count
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("limit", ["0.5", "0", "1"])
+async def test_a_busy_loop_turns_new_sessions_away_unless_the_gate_is_off(limit: str) -> None:
+    settings = Settings.from_env({"STREAMER_ADMIT_MAX_LOOP_BUSY": limit})
+    load = LoopLoad()
+    runtime = Runtime(settings, batcher=None, models=None, observer=SessionObserver(), load=load)
+    async with anyio.create_task_group() as tg:
+        registry = Registry(runtime, tg)
+        load.record(1.0, 0.5)  # exactly at the limit: still admitted
+        await registry.create(SessionConfig())
+        load.record(1.0, 1.0)  # 75% busy over the window
+        if limit == "0.5":
+            with pytest.raises(StreamerError) as refused:
+                await registry.create(SessionConfig())
+            assert refused.value.code is ErrorCode.SERVER_OVERLOADED
+            assert refused.value.status == 503 and refused.value.ws_close == 1013
+            assert "75% busy" in refused.value.message
+        else:
+            await registry.create(SessionConfig())  # 0 and 1 never refuse
         tg.cancel_scope.cancel()

@@ -8,6 +8,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from service.audio.source import ByteSource
 from service.config import SessionConfig
+from service.observability.loop import LoopLoad
 from service.runtime import Runtime
 from service.session.observer import SessionObserver
 from service.session.session import EndReason, InputClosed, Session, new_session_id
@@ -19,7 +20,13 @@ pytestmark = pytest.mark.anyio
 
 def _session() -> tuple[Session, MemoryObjectReceiveStream[bytes]]:
     # The pipeline is not run: the test reads the session's input itself, as the decoder does.
-    runtime = Runtime(Settings.from_env({}), batcher=None, models=None, observer=SessionObserver())  # type: ignore[arg-type]
+    runtime = Runtime(
+        Settings.from_env({}),
+        batcher=None,  # type: ignore[arg-type]
+        models=None,
+        observer=SessionObserver(),
+        load=LoopLoad(),
+    )
     sid = new_session_id()
     session = Session(sid, SessionConfig(), MemoryStore().log(sid), runtime)
     return session, session.open_input(None)

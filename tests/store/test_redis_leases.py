@@ -25,6 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from service.config import SessionConfig
 from service.errors import ErrorCode
 from service.events.types import Active, End, Event, LoggedEvent
+from service.observability.loop import LoopLoad
 from service.runtime import Runtime
 from service.session.observer import SessionObserver
 from service.session.registry import Registry
@@ -71,7 +72,9 @@ class Worker:
 
     def __init__(self, tg: TaskGroup, s: Settings) -> None:
         self.store = RedisStore(s)
-        runtime = Runtime(s, batcher=None, models=IdleModels(), observer=SessionObserver())  # type: ignore[arg-type]
+        runtime = Runtime(
+            s, batcher=None, models=IdleModels(), observer=SessionObserver(), load=LoopLoad()
+        )
         self.registry = Registry(runtime, tg, self.store)
         self.renewals: list[int] = []  # sessions per call of store.renew
         renew = self.store.renew
