@@ -312,6 +312,15 @@ class HttpError(RuntimeError):
     pass
 
 
+class Refused(HttpError):
+    """The server turned a new session away for now (503: ``too_many_sessions``,
+    ``server_overloaded``); ``code`` is the error's code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -360,6 +369,9 @@ async def create_session(host: str, port: int, config: Mapping[str, Any] | None 
     status, body = await request(
         host, port, "POST", "/v1/sessions", json.dumps(config or {}).encode(), "application/json"
     )
+    if status == 503:
+        error = json.loads(body)["error"]
+        raise Refused(error["code"], f"create: 503 {error['code']}: {error['message']}")
     if status != 201:
         raise HttpError(f"create: {status} {body[:200]!r}")
     return str(json.loads(body)["id"])

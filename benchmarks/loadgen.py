@@ -65,6 +65,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import (  # noqa: E402
     Proc,
+    Refused,
     Server,
     create_session,
     raise_fd_limit,
@@ -76,6 +77,8 @@ from service.config import MODEL_SAMPLE_RATE, VadParams  # noqa: E402
 DATA = ROOT / "tests" / "data"
 LAG_BUDGET_S = 0.25
 BEHIND_FACTOR = 1.1
+# Error codes with which a server turns a new session away for now.
+REFUSALS = ("too_many_sessions", "server_overloaded")
 FAST_MODEL = '{"delay": 0.05, "constant_factor": 0.01, "jitter": 0.0}'
 FIND_MAX_START = 50
 VAD_FRAME = 512  # samples per VAD step (service/vad/silero.py FRAME; not imported: onnxruntime)
@@ -215,6 +218,7 @@ class Stream:
     end_reason: str | None = None
     errors: list[str] = field(default_factory=list)
     failure: str | None = None
+    refused: str | None = None  # the server turned the session away (503), with this code
 
     def lags(self, audio: Audio, wait_s: float) -> list[Lag]:
         """Per mark: the lag after the audio up to its time was sent, and after the audio up to
@@ -473,6 +477,8 @@ async def ws_stream(url: str, audio: Audio, slot_s: float, s: Stream) -> None:
         await ws.send(json.dumps({**audio.config, "request": "start"}))
         first = json.loads(await ws.recv())
         if first.get("type") != "started":
+            if first.get("code") in REFUSALS:
+                raise Refused(first["code"], f"start: {first}")
             s.failure = f"start: {first}"
             return
 
@@ -494,6 +500,8 @@ async def ws_stream(url: str, audio: Audio, slot_s: float, s: Stream) -> None:
 async def guarded(coro_fn: Any, s: Stream, *args: Any) -> None:
     try:
         await coro_fn(*args, s)
+    except Refused as exc:  # a server shedding load: counted apart from the streams it took
+        s.refused = exc.code
     except Exception as exc:  # one failed stream is a figure, not the end of the run
         s.failure = s.failure or f"{type(exc).__name__}: {exc}"
 
@@ -587,6 +595,10 @@ def summarise(
     loop_lag: list[float],
 ) -> dict[str, Any]:
     wait_s = redemption_wait_s(audio.config)
+    # Streams the server turned away (503) count apart: the figures are those of the streams it
+    # took, and a step with refusals did not hold N.
+    refused = [s for s in streams if s.refused is not None]
+    asked, streams = len(streams), [s for s in streams if s.refused is None]
     all_lags = [(s, lag) for s in streams for lag in s.lags(audio, wait_s)]
     sent = [lag.sent for _, lag in all_lags]
     detectable = [lag.detectable for _, lag in all_lags]
@@ -607,10 +619,10 @@ def summarise(
     behind = sum(1 for s in streams if (r := s.upload_ratio(audio)) is None or r > BEHIND_FACTOR)
     failed = [s for s in streams if not s.ok]
     p99 = pct(held_lags, 0.99)
-    held = not failed and behind == 0 and p99 is not None and p99 < LAG_BUDGET_S
+    held = not refused and not failed and behind == 0 and p99 is not None and p99 < LAG_BUDGET_S
     first_failure = next((s.failure or "; ".join(s.errors) or s.end_reason for s in failed), None)
     return {
-        "streams": len(streams),
+        "streams": asked,
         "format": opts.format,
         "transport": "ws" if opts.ws else "http1",
         "duration_s": opts.duration,
@@ -621,6 +633,8 @@ def summarise(
         "ok": len(streams) - len(failed),
         "failed": len(failed),
         "first_failure": first_failure,
+        "refused": len(refused),
+        "refused_codes": sorted({s.refused for s in refused if s.refused}),
         "behind": behind,
         "upload_ratio_max": round(max(ratios), 3) if ratios else None,
         "events_measured": len(all_lags),
@@ -667,7 +681,7 @@ def _fmt(value: Any) -> str:
 FIGURES: list[tuple[str, str | tuple[str, ...]]] = [
     ("streams", "streams"),
     ("held (p99 < 250 ms, none behind, all ok)", "held"),
-    ("streams ok / failed", ("ok", "failed")),
+    ("streams ok / failed / refused (503)", ("ok", "failed", "refused")),
     ("streams behind (upload > 1.1x real time)", "behind"),
     ("slowest upload / audio duration", "upload_ratio_max"),
     ("events measured (finals + inactive)", "events_measured"),
@@ -727,6 +741,7 @@ STEP_COLUMNS = [
     ("N", "streams"),
     ("held", "held"),
     ("ok", "ok"),
+    ("refused", "refused"),
     ("behind", "behind"),
     ("p50 ms", "held_lag_p50_ms"),
     ("p99 ms", "held_lag_p99_ms"),
@@ -905,7 +920,7 @@ async def find_max(
         print(
             f"N={n}: {'held' if result['held'] else 'did not hold'}  "
             f"p99 {_fmt(result['held_lag_p99_ms'])} ms  behind {result['behind']}  "
-            f"failed {result['failed']}  load {result['loadavg_1m']}",
+            f"failed {result['failed']}  refused {result['refused']}  load {result['loadavg_1m']}",
             file=sys.stderr,
             flush=True,
         )

@@ -283,3 +283,29 @@ def test_loadgen_smoke(server: Server) -> None:
     # The server's own histograms, scraped before and after: its share of the lag, its loop.
     assert figures["server_event_lag_p99_le_ms"] is not None
     assert figures["server_loop_lag_p99_le_ms"] is not None
+
+
+def test_loadgen_counts_streams_the_server_refuses_apart(tmp_path: Path) -> None:
+    """A server shedding load (503) is a figure of the run, not a failed stream, and a step with
+    refusals did not hold N."""
+    s = start_server(tmp_path, env={"STREAMER_MAX_SESSIONS": "1"})
+    try:
+        out = subprocess.run(
+            [
+                sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--url", s.url,
+                "--streams", "3", "--duration", "2", "--ramp", "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            cwd=ROOT,
+            check=False,
+        )  # fmt: skip
+    finally:
+        stop_server(s)
+    assert out.returncode == 1, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (figures["ok"], figures["failed"], figures["refused"]) == (1, 0, 2), out.stdout
+    assert figures["refused_codes"] == ["too_many_sessions"]
+    assert figures["held"] is False
+    assert re.search(r"streams ok / failed / refused \(503\) +1 / 0 / 2\n", out.stdout)
