@@ -60,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--http2", action="store_true", help="HTTP/2 with prior knowledge (h2c) instead of 1.1"
     )
     how.add_argument("--ws", action="store_true", help="the WebSocket endpoint /v1/ws")
+    conn.add_argument(
+        "--retry",
+        type=int,
+        default=0,
+        metavar="N",
+        help="when the server turns the session away for now (full, overloaded: HTTP 503, "
+        "WebSocket 1013), ask again up to N times, after its Retry-After (default 0)",
+    )
+    conn.add_argument(
+        "--retry-delay",
+        type=float,
+        metavar="S",
+        help="with --retry: wait S seconds between tries instead of the server's Retry-After",
+    )
 
     send = p.add_argument_group("sending")
     send.add_argument(
@@ -160,6 +174,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
     if not MIN_CHUNK_MS <= args.chunk_ms <= MAX_CHUNK_MS:
         p.error(f"--chunk-ms must be between {MIN_CHUNK_MS} and {MAX_CHUNK_MS}")
+    if args.retry < 0 or (args.retry_delay is not None and args.retry_delay < 0):
+        p.error("--retry and --retry-delay must not be negative")
     if not args.url.startswith(("http://", "https://")):
         p.error(f"--url must start with http:// or https://, got {args.url!r}")
 
@@ -176,6 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         json_lines=args.json,
         progress=args.progress,
         quiet=args.quiet,
+        retries=args.retry,
+        retry_delay_s=args.retry_delay,
     )
 
 

@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup
 
 from service.client.options import ClientFailure, Options, Outcome
 from service.client.render import Renderer
+from service.client.retry import Retry
 from service.client.sse import iter_sse
 
 CONNECT_TIMEOUT_S = 10.0
@@ -56,16 +57,21 @@ def _client(opts: Options) -> httpx.AsyncClient:
 
 
 async def create_session(
-    client: httpx.AsyncClient, base_url: str, config: Mapping[str, Any]
+    client: httpx.AsyncClient, base_url: str, config: Mapping[str, Any], retry: Retry
 ) -> Any:
     url = base_url.rstrip("/") + "/v1/sessions"
-    try:
-        response = await client.post(url, json=dict(config))
-    except httpx.HTTPError as exc:
-        raise ClientFailure(f"cannot reach {url}: {_text(exc)}") from None
-    if response.status_code != 201:
-        raise ClientFailure(f"creating the session failed: {describe_error(response)}")
-    return response.json()
+    while True:
+        try:
+            response = await client.post(url, json=dict(config))
+        except httpx.HTTPError as exc:
+            raise ClientFailure(f"cannot reach {url}: {_text(exc)}") from None
+        if response.status_code == 201:
+            return response.json()
+        if response.status_code != 503 or not await retry.again(
+            f"the server turned the session away: {describe_error(response)}",
+            response.headers.get("retry-after"),
+        ):
+            raise ClientFailure(f"creating the session failed: {describe_error(response)}")
 
 
 async def run_http(
@@ -76,7 +82,8 @@ async def run_http(
         uploader = client
         if opts.transport == "http2":
             uploader = await stack.enter_async_context(_client(opts))
-        created = await create_session(client, opts.url, opts.config)
+        retry = Retry(opts.retries, opts.retry_delay_s, renderer.note)
+        created = await create_session(client, opts.url, opts.config, retry)
         outcome.session_id = created["id"]
         via = "HTTP/2 (h2c)" if opts.transport == "http2" else "HTTP/1.1 chunked"
         renderer.note(f"session {created['id']} via {via}")

@@ -53,6 +53,8 @@ class Options:
     json_lines: bool = False
     progress: bool | None = None  # None: when stderr is a terminal and the input is long
     quiet: bool = False
+    retries: int = 0  # --retry: times to ask again when turned away for now (503 / 1013)
+    retry_delay_s: float | None = None  # --retry-delay: instead of the server's Retry-After
 
     @property
     def headers(self) -> dict[str, str]:

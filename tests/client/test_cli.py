@@ -309,3 +309,40 @@ def test_loadgen_counts_streams_the_server_refuses_apart(tmp_path: Path) -> None
     assert figures["refused_codes"] == ["too_many_sessions"]
     assert figures["held"] is False
     assert re.search(r"streams ok / failed / refused \(503\) +1 / 0 / 2\n", out.stdout)
+
+
+@pytest.mark.parametrize("transport", [[], ["--ws"]], ids=["http", "ws"])
+def test_retry_asks_a_full_server_again_until_it_has_room(
+    tmp_path: Path, transport: list[str]
+) -> None:
+    """A server at its session limit turns the client away for now (HTTP 503 with Retry-After,
+    WebSocket 1013). Without --retry that is the end (exit 2); with it the client asks again
+    and streams once a session ends."""
+    s = start_server(tmp_path, env={"STREAMER_MAX_SESSIONS": "1"})
+    try:
+        blocker = httpx.post(f"{s.url}/v1/sessions", timeout=10).json()
+        wav = str(DATA / "speech.wav")
+        refused = client("--url", s.url, *transport, "--json", wav)
+        assert refused.returncode == 2, refused.stderr
+        assert "too_many_sessions" in refused.stderr and "trying again" not in refused.stderr
+
+        args = ["--url", s.url, *transport, "--json", "--retry", "50", "--retry-delay", "0.2"]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.client", *args, wav],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
+        try:
+            time.sleep(1.0)  # a few refusals
+            httpx.delete(f"{s.url}/v1/sessions/{blocker['id']}", timeout=10)
+            stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        finally:
+            process.kill()
+    finally:
+        stop_server(s)
+    assert process.returncode == 0, stderr
+    assert "too_many_sessions" in stderr and "trying again in 0.2 s (retry 1 of 50)" in stderr
+    events = json_events(stdout)
+    assert finals(events) and events[-1]["type"] == "end"

@@ -21,6 +21,7 @@ from service.client.pacing import (
     wav_timing,
 )
 from service.client.render import ProgressBar, format_event
+from service.client.retry import retry_after_seconds
 from service.client.source import Source
 from tests.conftest import DATA
 
@@ -157,3 +158,19 @@ def test_arguments_build_the_config() -> None:
     assert merged.config == {"vad": {"redemption_ms": 300}} and merged.transport == "http2"
     declared = parse_args(["--config", '{"format": {"sample_rate": 8000, "channels": 2}}', "-"])
     assert declared.raw == RawFormat("s16le", 8000, 2)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("5", 5.0), ("0", 0.0), ("1.5", 1.5), (None, 5.0), ("soon", 5.0), ("3600", 60.0)],
+)
+def test_retry_after_is_read_in_seconds_and_bounded(header: str | None, seconds: float) -> None:
+    assert retry_after_seconds(header) == seconds
+
+
+def test_the_retry_options_parse() -> None:
+    opts = parse_args(["--retry", "3", "--retry-delay", "0.5", "a.wav"])
+    assert (opts.retries, opts.retry_delay_s) == (3, 0.5)
+    assert (parse_args(["a.wav"]).retries, parse_args(["a.wav"]).retry_delay_s) == (0, None)
+    with pytest.raises(SystemExit):
+        parse_args(["--retry", "-1", "a.wav"])
