@@ -18,7 +18,7 @@ class Runtime:
     batcher: VadBatcher
     models: ModelRunner
     observer: SessionObserver
-    # How busy the event loop is: new sessions wait while it is too busy.
+    # How busy the event loop is: new sessions are refused while it is too busy.
     load: LoopLoad
     # WebM/Ogg Opus decoding shared by every session; None: FFmpeg decodes them.
     decoders: DecodePool | DecodeProcess | None = None

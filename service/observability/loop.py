@@ -27,9 +27,10 @@ from collections.abc import Callable
 
 import anyio
 
-# How often the loop is sampled, and how many seconds of samples ``busy`` covers: long enough
-# that a burst (a file uploaded as fast as possible, a GC pause) does not refuse sessions,
-# short enough that the gate opens again soon after the load goes.
+# How often the loop is sampled (ten timer wake-ups a second cost nothing), and how many seconds
+# of samples ``busy`` covers: long enough that a GC pause or one heavy moment does not refuse
+# sessions, short enough that the gate shuts before far more streams than fit are admitted and
+# opens again soon after the load goes (BENCHMARKS.md).
 SAMPLE_S = 0.1
 WINDOW_S = 2.0
 

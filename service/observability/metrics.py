@@ -73,7 +73,6 @@ SESSION_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600
 BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 # An idle loop wakes a sleeper within ~1 ms (epoll's millisecond timeout); a loaded one later.
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-# How often the loop's lateness is sampled: ten timer wake-ups a second cost nothing.
 
 # Event types as labelled: the API's, with segments split by finality (finals are the product;
 # interims are optional extras whose volume and lag differ).
