@@ -21,7 +21,10 @@ async def readyz(request: Request) -> Response:
             status_code=503,
             headers={"Retry-After": "5"},
         )
-    body = {"status": "ready", "sessions": registry.live}
+    # Still ready when the loop is busy: sessions already created keep needing this worker.
+    # ``loop_busy`` is for a balancer that weighs workers; new sessions past
+    # STREAMER_ADMIT_MAX_LOOP_BUSY get 503 server_overloaded.
+    body = {"status": "ready", "sessions": registry.live, "loop_busy": registry.runtime.load.busy}
     if registry.store.shared:
         body["worker"] = registry.store.worker_id
     return JSONResponse(body)

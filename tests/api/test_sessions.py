@@ -82,4 +82,7 @@ def test_delete_before_upload_ends_session(client: httpx.Client) -> None:
 
 def test_health(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    assert 0 <= ready.json()["loop_busy"] < 1  # the shared test server is not saturated
