@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from service.config import SessionConfig
-from service.errors import ErrorCode
+from service.errors import ErrorCode, StreamerError
 from service.events.types import Active, End, Event, LoggedEvent
 from service.observability.loop import LoopLoad
 from service.runtime import Runtime
@@ -302,3 +302,21 @@ async def test_redis_down_stops_every_session_within_a_lease_and_says_so_once(
         assert s.error is not None and s.error.code is ErrorCode.STORE_UNAVAILABLE
     renewal_failures = [r for r in caplog.records if r.getMessage().startswith("lease renewal")]
     assert len(renewal_failures) == 1, [r.getMessage() for r in renewal_failures]
+
+
+async def test_a_busy_worker_turns_an_upload_away_and_the_session_waits_for_another(
+    redis_server: RedisServer, prefix: str, worker_factory: Callable[..., Awaitable[Worker]]
+) -> None:
+    """With a shared store a session runs where its upload lands, so that worker applies the
+    load gate (STREAMER_ADMIT_MAX_LOOP_BUSY) as it does the session limit: a busy one refuses
+    the upload with server_overloaded and the session, still created, starts on another."""
+    busy = await worker_factory(redis_server, admit_max_loop_busy=0.5)
+    idle = await worker_factory(redis_server, admit_max_loop_busy=0.5)
+    sid = await idle.registry.create(SessionConfig())
+    busy.registry.runtime.load.record(1.0, 0.9)
+    with pytest.raises(StreamerError) as refused:
+        await busy.registry.start(sid)
+    assert refused.value.code is ErrorCode.SERVER_OVERLOADED
+    assert (await idle.registry.status(sid))["state"] == "created"
+    session = await idle.registry.start(sid)
+    assert session.state is SessionState.RUNNING
