@@ -260,22 +260,27 @@ def test_api_key(tmp_path: Path) -> None:
         stop_server(s)
 
 
-def test_loadgen_smoke(server: Server) -> None:
+def loadgen(*args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """benchmarks/loadgen.py with these arguments: the run, and its figures (the JSON line)."""
     out = subprocess.run(
-        [
-            sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--url", server.url,
-            "--server-pid", str(server.process.pid), "--streams", "3", "--duration", "3",
-            "--ramp", "0.3",
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
         cwd=ROOT,
         check=False,
+    )
+    lines = out.stdout.strip().splitlines()
+    return out, json.loads(lines[-1]) if lines else {}
+
+
+def test_loadgen_smoke(server: Server) -> None:
+    out, figures = loadgen(
+        "--url", server.url, "--server-pid", str(server.process.pid),
+        "--streams", "3", "--duration", "3", "--ramp", "0.3",
     )  # fmt: skip
     assert out.returncode in (0, 1), out.stderr  # 1: did not hold (a busy machine)
     assert "lag since the audio was sent p50 / p99 / max" in out.stdout
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["streams"] == 3 and figures["ok"] == 3, out.stdout
     assert figures["events_measured"] >= 3
     assert figures["server_cpu_s"] is not None and figures["server_rss_peak_mb"] > 0
@@ -290,21 +295,10 @@ def test_loadgen_counts_streams_the_server_refuses_apart(tmp_path: Path) -> None
     refusals did not hold N."""
     s = start_server(tmp_path, env={"STREAMER_MAX_SESSIONS": "1"})
     try:
-        out = subprocess.run(
-            [
-                sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--url", s.url,
-                "--streams", "3", "--duration", "2", "--ramp", "0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            cwd=ROOT,
-            check=False,
-        )  # fmt: skip
+        out, figures = loadgen("--url", s.url, "--streams", "3", "--duration", "2", "--ramp", "0")
     finally:
         stop_server(s)
     assert out.returncode == 1, out.stderr
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert (figures["ok"], figures["failed"], figures["refused"]) == (1, 0, 2), out.stdout
     assert figures["refused_codes"] == ["too_many_sessions"]
     assert figures["held"] is False
