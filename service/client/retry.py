@@ -1,9 +1,11 @@
 """``--retry N``: ask again when the server turns a new session away for now.
 
 A server at its session limit, shedding load, shutting down or without its shared store answers
-a new session with HTTP 503 and ``Retry-After``, or closes a WebSocket start with an ``error``
-of the same code (1013, "try again later"). Nothing has been sent yet, so asking again loses
-nothing; as ``curl --retry``, the client waits what the server asked (or ``--retry-delay``).
+a new session with HTTP 503 and ``Retry-After``, or answers a WebSocket start with an
+``error`` of the same code and closes (1013, "try again later"; 1001 when shutting down, where
+another server behind the same address may take it). Nothing has been sent yet, so asking again
+loses nothing; as ``curl --retry``, the client waits what the server asked (or
+``--retry-delay``).
 """
 
 from __future__ import annotations
