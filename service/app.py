@@ -89,6 +89,8 @@ def create_app(
         )
         observability.start(runtime.models.limiter)
         observability.metrics.watch_loop(runtime.load)
+        if runtime.decoders is not None:
+            observability.metrics.watch_decoder(runtime.decoders.turnaround)
         # sse-starlette only detects uvicorn's shutdown; under hypercorn we set this ourselves.
         app.state.shutdown_event = anyio.Event()
         store = open_store(settings)

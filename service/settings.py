@@ -54,6 +54,11 @@ class Settings:
     # admitted streams' p99 lag under 250 ms here, but refuses part of a burst of new sessions
     # that the server could then hold (BENCHMARKS.md, service/observability/loop.py).
     admit_max_loop_busy: float = 0.95
+    # The same for webm/Ogg Opus, whose limit is the decoder, not the loop: new sessions get
+    # server_overloaded while its batches took longer than this on average over the last 2 s
+    # (0: never). Off by default: 30-40 ms separated 350 held streams from 400 not held here,
+    # with overlap while sessions open (BENCHMARKS.md).
+    admit_max_decode_ms: float = 0.0
     max_session_seconds: float = 4 * 3600.0
     idle_timeout_seconds: float = 30.0
     unstarted_timeout_seconds: float = 300.0

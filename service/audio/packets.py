@@ -20,6 +20,7 @@ upload; while it waits, further upload chunks wait in the upload's bounded strea
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -77,6 +78,41 @@ def _run_all(jobs: list[_Job[object]]) -> None:
         job.run()
 
 
+# How far back :class:`Turnaround` averages: as the event loop's busy ratio (observability/loop.py).
+TURNAROUND_WINDOW_S = 2.0
+
+
+class Turnaround:
+    """How long the decoder's batches take, lately: what decoding adds to every live stream's
+    lag, and the sign that it has run out of CPU. With one batch out at a time and everything
+    pending in the next, a decoder is never idle under steady load, so its busy time says
+    nothing; its batches grow and slow instead (BENCHMARKS.md: a mean of 2-8 ms at 300 live
+    webm streams, 17-60 ms at 400 where they no longer held)."""
+
+    def __init__(self, window_s: float = TURNAROUND_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._done: collections.deque[tuple[float, float]] = collections.deque()  # (end, s)
+        self._since: float | None = None  # the batch out now was sent then
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            now = time.perf_counter()
+            self._done.append((now, now - self._since))
+            self._since = None
+
+    def seconds(self) -> float:
+        """The mean time of the batches that ended in the last window, or the age of the batch
+        out now if longer (a stuck decoder reads as slow, not as idle); 0 when idle."""
+        now = time.perf_counter()
+        while self._done and self._done[0][0] < now - self.window_s:
+            self._done.popleft()
+        mean = sum(s for _, s in self._done) / len(self._done) if self._done else 0.0
+        return max(mean, 0.0 if self._since is None else now - self._since)
+
+
 class DecodePool:
     """Shared by every session; :meth:`run` is started once in the app's lifespan task group.
 
@@ -92,6 +128,7 @@ class DecodePool:
         self._limiter = anyio.CapacityLimiter(1)
         self.batches = 0  # for tests and metrics
         self.jobs = 0
+        self.turnaround = Turnaround()  # a batch's time in the thread
 
     async def decode(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in the pool's thread with whatever else is pending; its result or its
@@ -122,9 +159,11 @@ class DecodePool:
                     self._changed = anyio.Event()
                     await self._changed.wait()
                 batch, self._pending = self._pending, []
+                self.turnaround.start()
                 try:
                     await anyio.to_thread.run_sync(_run_all, batch, limiter=self._limiter)
                 finally:
+                    self.turnaround.stop()
                     self.batches += 1
                     self.jobs += len(batch)
                     for job in batch:
@@ -393,6 +432,9 @@ class DecodeProcess:
         self.batches = 0
         self.jobs = 0
         self.restarts = 0
+        # A batch's time from its write to its reply (the pipe both ways and the process's
+        # work; the loop's delay in reading the reply too, which only matters when it is busy).
+        self.turnaround = Turnaround()
 
     async def call(self, key: int, op: str, args: object) -> Any:
         if not self._running:
@@ -453,6 +495,7 @@ class DecodeProcess:
                         continue
                 self._sent = batch
                 failure: str | None = None
+                self.turnaround.start()
                 try:
                     frame = pickle.dumps(
                         [(c.key, c.op, c.args) for c in batch], protocol=pickle.HIGHEST_PROTOCOL
@@ -471,6 +514,7 @@ class DecodeProcess:
                     OSError,
                 ) as exc:
                     failure = repr(exc)
+                self.turnaround.stop()
                 if failure is not None:
                     log.error("the Opus decoding process failed (%s); restarting it", failure)
                     self._fail(

@@ -31,6 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service.audio.packets import TURNAROUND_WINDOW_S, Turnaround
 from service.config import MODEL_SAMPLE_RATE
 from service.errors import ErrorCode, StreamerError
 from service.events.types import Error, Event, Segment
@@ -219,6 +220,14 @@ class Metrics:
             "sessions get 503 server_overloaded above STREAMER_ADMIT_MAX_LOOP_BUSY",
             registry=r,
         ).set_function(lambda: self._loop_load.busy if self._loop_load is not None else 0.0)
+        self._turnaround: Turnaround | None = None
+        Gauge(
+            "streamer_opus_decode_batch_seconds",
+            f"Mean time of the Opus decoder's batches over the last {TURNAROUND_WINDOW_S:g} s (or "
+            "the batch out now, if longer): what decoding adds to webm/Ogg streams' lag; new "
+            "sessions get 503 server_overloaded above STREAMER_ADMIT_MAX_DECODE_MS",
+            registry=r,
+        ).set_function(lambda: self._turnaround.seconds() if self._turnaround else 0.0)
 
         # Every known label value from the start, at zero: rate() and alerts need the series
         # to exist before the first event.
@@ -269,6 +278,10 @@ class Metrics:
         media.observe(media_s)
         processing.observe(processing_s)
         rtf.observe(processing_s / media_s)
+
+    def watch_decoder(self, turnaround: Turnaround) -> None:
+        """Expose how long the Opus decoder's batches take (read at scrape time)."""
+        self._turnaround = turnaround
 
     def watch_loop(self, load: LoopLoad) -> None:
         """Expose how busy the event loop is (read at scrape time); ``load`` feeds the lag

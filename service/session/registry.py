@@ -91,6 +91,16 @@ class Registry:
                 f"the server is at capacity (its event loop was {busy:.0%} busy, the limit is "
                 f"{most:.0%}); the sessions it holds come first, try again shortly",
             )
+        decoders, most_ms = self.runtime.decoders, settings.admit_max_decode_ms
+        if decoders is not None and most_ms > 0:
+            took_ms = decoders.turnaround.seconds() * 1000
+            if took_ms > most_ms:
+                raise StreamerError(
+                    ErrorCode.SERVER_OVERLOADED,
+                    f"the server is at capacity (its Opus decoder takes {took_ms:.0f} ms per "
+                    f"batch, the limit is {most_ms:g} ms); the sessions it holds come first, "
+                    "try again shortly",
+                )
 
     async def create(self, config: SessionConfig) -> str:
         """A new session, waiting for its audio; returns its id."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -25,6 +26,7 @@ from service.audio.opus import available
 from service.audio.packets import (
     DecodePool,
     DecodeProcess,
+    Turnaround,
     _Decoded,
     _Failures,
     pack_step,
@@ -303,3 +305,51 @@ async def test_a_hung_decoding_process_is_killed_and_replaced() -> None:
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     assert after.error is None and after.frames == SPEECH_SAMPLES
     assert pool.restarts == 1
+
+
+def test_turnaround_is_the_recent_mean_or_the_age_of_the_batch_out() -> None:
+    turnaround = Turnaround(window_s=0.3)
+    assert turnaround.seconds() == 0.0  # idle
+    for pause in (0.02, 0.06):
+        turnaround.start()
+        time.sleep(pause)
+        turnaround.stop()
+    assert turnaround.seconds() == pytest.approx(0.04, abs=0.015)
+    turnaround.start()
+    time.sleep(0.12)  # longer than the mean: a batch still out counts as slow
+    assert turnaround.seconds() >= 0.12
+    turnaround.stop()
+    time.sleep(0.35)  # every batch is older than the window
+    assert turnaround.seconds() == 0.0
+
+
+async def test_a_stuck_decoding_process_reads_as_slow_not_idle() -> None:
+    """The load gate refuses new sessions on the decoder's turnaround: a process that has
+    stopped answering must read as ever slower while its batch is out, and as fast again once
+    it answers."""
+    data = (DATA / "speech.webm").read_bytes()
+    pool = DecodeProcess()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run)
+            results: list[Decoded] = []
+
+            async def session() -> None:
+                results.append(await decode_pieces(_paced(data, 500, 0.01), pool=pool))
+
+            tg.start_soon(session)
+            while pool.jobs < 3:
+                await anyio.sleep(0.01)
+            assert pool.turnaround.seconds() < 0.3
+            child = _decoding_process()
+            child.suspend()
+            try:
+                await anyio.sleep(0.5)
+                assert pool.turnaround.seconds() >= 0.4
+            finally:
+                child.resume()
+            while not results:
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    [decoded] = results
+    assert decoded.error is None and decoded.frames == SPEECH_SAMPLES

@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
+from service.audio.packets import DecodePool
 from service.config import SessionConfig
 from service.errors import ErrorCode, StreamerError
 from service.observability.loop import LoopLoad
@@ -61,4 +62,27 @@ async def test_a_busy_loop_turns_new_sessions_away_unless_the_gate_is_off(limit:
             assert "75% busy" in refused.value.message
         else:
             await registry.create(SessionConfig())  # 0 and 1 never refuse
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("limit_ms", ["20", "0"])
+async def test_a_slow_opus_decoder_turns_new_sessions_away_when_asked_to(limit_ms: str) -> None:
+    settings = Settings.from_env({"STREAMER_ADMIT_MAX_DECODE_MS": limit_ms})
+    decoders = DecodePool()
+    runtime = Runtime(
+        settings, batcher=None, models=None, observer=SessionObserver(), load=LoopLoad(),
+        decoders=decoders,
+    )  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        registry = Registry(runtime, tg)
+        await registry.create(SessionConfig())  # an idle decoder: 0 ms
+        decoders.turnaround.start()
+        await anyio.sleep(0.05)  # a batch out for 50 ms and counting
+        if limit_ms == "0":
+            await registry.create(SessionConfig())  # the default: never refuses
+        else:
+            with pytest.raises(StreamerError) as refused:
+                await registry.create(SessionConfig())
+            assert refused.value.code is ErrorCode.SERVER_OVERLOADED
+            assert "Opus decoder takes" in refused.value.message
         tg.cancel_scope.cancel()
