@@ -44,6 +44,14 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 READY_TIMEOUT_S = 1.0
 
 
+def _overloaded(why: str) -> StreamerError:
+    """A new session turned away to keep the running ones on time (load shedding)."""
+    return StreamerError(
+        ErrorCode.SERVER_OVERLOADED,
+        f"the server is at capacity ({why}); the sessions it holds come first, try again shortly",
+    )
+
+
 class Registry:
     def __init__(
         self, runtime: Runtime, task_group: TaskGroup, store: SessionStore | None = None
@@ -86,20 +94,14 @@ class Registry:
             )
         busy, most = self.runtime.load.busy, settings.admit_max_loop_busy
         if 0 < most < 1 and busy > most:
-            raise StreamerError(
-                ErrorCode.SERVER_OVERLOADED,
-                f"the server is at capacity (its event loop was {busy:.0%} busy, the limit is "
-                f"{most:.0%}); the sessions it holds come first, try again shortly",
-            )
+            raise _overloaded(f"its event loop was {busy:.0%} busy, the limit is {most:.0%}")
         decoders, most_ms = self.runtime.decoders, settings.admit_max_decode_ms
         if decoders is not None and most_ms > 0:
             took_ms = decoders.turnaround.seconds() * 1000
             if took_ms > most_ms:
-                raise StreamerError(
-                    ErrorCode.SERVER_OVERLOADED,
-                    f"the server is at capacity (its Opus decoder takes {took_ms:.0f} ms per "
-                    f"batch, the limit is {most_ms:g} ms); the sessions it holds come first, "
-                    "try again shortly",
+                raise _overloaded(
+                    f"its Opus decoder takes {took_ms:.0f} ms per batch, "
+                    f"the limit is {most_ms:g} ms"
                 )
 
     async def create(self, config: SessionConfig) -> str:
