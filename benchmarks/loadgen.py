@@ -219,6 +219,7 @@ class Stream:
     errors: list[str] = field(default_factory=list)
     failure: str | None = None
     refused: str | None = None  # the server turned the session away (503), with this code
+    lagging: int = 0  # `lagging` events: the server said this stream's results were late
 
     def lags(self, audio: Audio, wait_s: float) -> list[Lag]:
         """Per mark: the lag after the audio up to its time was sent, and after the audio up to
@@ -263,7 +264,7 @@ async def _paced(audio: Audio, s: Stream, slot_s: float) -> AsyncIterator[bytes]
     s.upload_done = clock()
 
 
-_MARKED = frozenset({"inactive", "segment", "error", "end"})
+_MARKED = frozenset({"inactive", "segment", "error", "lagging", "end"})
 
 
 def _mark(s: Stream, event: dict[str, Any], now: float | None = None) -> bool:
@@ -277,6 +278,8 @@ def _mark(s: Stream, event: dict[str, Any], now: float | None = None) -> bool:
             s.marks.append(("final", event["end_time"], now))
     elif kind == "error":
         s.errors.append(f"{event.get('code')}: {event.get('message')}")
+    elif kind == "lagging":
+        s.lagging += 1
     elif kind == "end":
         s.ended = now
         s.end_reason = event.get("reason")
@@ -610,6 +613,7 @@ def summarise(
     held_lags = [basis(lag) for _, lag in all_lags]
     finals = [basis(lag) for _, lag in all_lags if lag.kind == "final"]
     inactive = [basis(lag) for _, lag in all_lags if lag.kind == "inactive"]
+    final_sent = [lag.sent for _, lag in all_lags if lag.kind == "final"]
     stream_p99 = [
         p
         for s in streams
@@ -641,6 +645,12 @@ def summarise(
         "held_lag_p50_ms": ms(pct(held_lags, 0.5)),
         "held_lag_p99_ms": ms(p99),
         "held_lag_max_ms": ms(max(held_lags) if held_lags else None),
+        # Finals since the audio up to the speech's end was sent (the VAD's wait included):
+        # what a user waits for a result after they stop speaking.
+        "final_sent_lag_p50_ms": ms(pct(final_sent, 0.5)),
+        "final_sent_lag_p99_ms": ms(pct(final_sent, 0.99)),
+        "lagging_events": sum(s.lagging for s in streams),
+        "error_codes": sorted({e.split(":")[0] for s in streams for e in s.errors}),
         "final_lag_p50_ms": ms(pct(finals, 0.5)),
         "final_lag_p99_ms": ms(pct(finals, 0.99)),
         "inactive_lag_p50_ms": ms(pct(inactive, 0.5)),

@@ -80,14 +80,17 @@ def create_app(
             models=ModelRunner(
                 model,
                 anyio.CapacityLimiter(settings.model_threads),
-                max_in_flight_per_session=settings.model_in_flight_per_session,
+                max_batch=settings.model_batch_max,
+                batch_wait_s=settings.model_batch_wait_ms / 1000,
+                max_queued_s=settings.model_queue_max_seconds,
+                late_s=settings.model_late_ms / 1000,
                 observer=observability.model_observer,
             ),
             observer=observability.session_observer,
             load=LoopLoad(on_lag=observability.metrics.loop_lag.observe),
             decoders=_decode_pool(settings),
         )
-        observability.start(runtime.models.limiter)
+        observability.start(runtime.models.engine)
         observability.metrics.watch_loop(runtime.load)
         if runtime.decoders is not None:
             observability.metrics.watch_decoder(runtime.decoders.turnaround)
@@ -98,6 +101,7 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runtime.batcher.run)
+                tg.start_soon(runtime.models.run)
                 tg.start_soon(runtime.load.run)
                 if runtime.decoders is not None:
                     tg.start_soon(runtime.decoders.run)

@@ -42,6 +42,8 @@ class ErrorCode(StrEnum):
     # model
     MODEL_FAILED = "model_failed"
     MODEL_PANIC = "model_panic"
+    # the model is behind and its queue is full: an utterance was not run (its times say which)
+    MODEL_OVERLOADED = "model_overloaded"
     INTERNAL = "internal_error"
     # the shared session store (Redis) cannot be reached, or lost the session's state
     STORE_UNAVAILABLE = "store_unavailable"
@@ -73,6 +75,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.DURATION_EXCEEDED: 413,
     ErrorCode.MODEL_FAILED: 500,
     ErrorCode.MODEL_PANIC: 500,
+    ErrorCode.MODEL_OVERLOADED: 503,
     ErrorCode.INTERNAL: 500,
     ErrorCode.STORE_UNAVAILABLE: 503,
 }

@@ -31,7 +31,19 @@ class Settings:
         default_factory=lambda: {"delay": 0.5, "constant_factor": 0.3, "jitter": 0.2}
     )
     model_threads: int = field(default_factory=_default_model_threads)
-    model_in_flight_per_session: int = 4
+    # The model engine (service/model/engine.py): calls from every session are queued in one
+    # place and, for a model with infer_batch, run up to this many per call (also capped by
+    # the model's own max_batch_size) ...
+    model_batch_max: int = 64
+    # ... waiting at most this long for a batch to fill while a thread is free.
+    model_batch_wait_ms: float = 2.0
+    # The queue is bounded by audio, across the process: a final that does not fit displaces
+    # the queued finals of younger sessions, or gets a model_overloaded error event. 600 s of
+    # float32 at 16 kHz is ~38 MB.
+    model_queue_max_seconds: float = 600.0
+    # A session whose oldest queued utterance has waited longer than this is told so with a
+    # `lagging` event.
+    model_late_ms: float = 1000.0
 
     # VAD batching across sessions.
     vad_threads: int = 1
@@ -59,6 +71,9 @@ class Settings:
     # (0: never). Off by default: 30-40 ms separated 350 held streams from 400 not held here,
     # with overlap while sessions open (BENCHMARKS.md).
     admit_max_decode_ms: float = 0.0
+    # ... and while utterances waited longer than this for the model (the oldest queued one, or
+    # the mean over the last 2 s; 0: never), so the sessions admitted keep their latency.
+    admit_max_model_wait_ms: float = 1000.0
     max_session_seconds: float = 4 * 3600.0
     idle_timeout_seconds: float = 30.0
     unstarted_timeout_seconds: float = 300.0

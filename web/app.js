@@ -43,6 +43,7 @@ const ui = {
   state: $("state"),
   transport: $("transport"),
   eventsStatus: $("events-status"),
+  lag: $("lag"),
   sent: $("sent"),
   sessionId: $("session-id"),
   record: $("record"),
@@ -272,6 +273,8 @@ function newRun(source) {
   ui.logCount.textContent = "";
   ui.summary.hidden = true;
   ui.sessionId.textContent = "–";
+  ui.lag.textContent = "–";
+  ui.lag.dataset.late = "false";
   timeline.reset();
   timeline.follow = ui.follow.checked;
   run = {
@@ -344,6 +347,11 @@ function onEvent(r, event) {
     if (d.channel !== null && d.channel !== undefined) where.push(`channel ${d.channel}`);
     if (d.start_time !== undefined) where.push(`${formatTime(d.start_time)} – ${formatTime(d.end_time)}`);
     showError(d.code, d.message, where.join(", "));
+  } else if (event.type === "lagging") {
+    // The server's model is behind: say how late results are, until it says they are not.
+    const late = event.data.seconds > 0;
+    ui.lag.textContent = late ? `late by ${event.data.seconds.toFixed(1)} s` : "on time";
+    ui.lag.dataset.late = String(late);
   } else if (event.type === "end") {
     finish(r, "ended");
     showSummary(event.data);

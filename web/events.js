@@ -7,7 +7,7 @@
 
 import { withToken } from "./transport.js";
 
-const TYPES = ["active", "inactive", "segment", "error", "end"];
+const TYPES = ["active", "inactive", "segment", "error", "lagging", "end"];
 
 export class EventStream {
   constructor(sessionId, { apiKey = "", onEvent, onStatus }) {

@@ -5,6 +5,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from service.config import MODEL_SAMPLE_RATE
+
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
@@ -24,7 +26,22 @@ async def readyz(request: Request) -> Response:
     # Still ready when the loop is busy: sessions already created keep needing this worker.
     # ``loop_busy`` is for a balancer that weighs workers; new sessions past
     # STREAMER_ADMIT_MAX_LOOP_BUSY get 503 server_overloaded.
-    body = {"status": "ready", "sessions": registry.live, "loop_busy": registry.runtime.load.busy}
+    engine = registry.runtime.models.engine
+    body = {
+        "status": "ready",
+        "sessions": registry.live,
+        "loop_busy": registry.runtime.load.busy,
+        # The model's backlog: what admission reads (STREAMER_ADMIT_MAX_MODEL_WAIT_MS).
+        "model": {
+            "queued_finals": engine.queued_finals,
+            "queued_interims": engine.queued_interims,
+            "queued_audio_seconds": round(engine.queued_samples / MODEL_SAMPLE_RATE, 3),
+            "wait_seconds": round(engine.wait_s(), 3),
+            "threads": int(engine.limiter.total_tokens),
+            "threads_busy": int(engine.limiter.borrowed_tokens),
+            "max_batch": engine.max_batch,
+        },
+    }
     if registry.store.shared:
         body["worker"] = registry.store.worker_id
     return JSONResponse(body)

@@ -53,6 +53,11 @@ def format_event(event: Mapping[str, Any]) -> str:
             if "start_time" in event:
                 line += f"  {_span(event)}"
             return line + _channel(event)
+        if kind == "lagging":
+            seconds = float(event["seconds"])
+            if seconds <= 0:
+                return "lagging 0s: results on time again"
+            return f"lagging {seconds:.1f}s: results are late (the model is behind)"
         if kind == "end":
             parts = [f"end {event['reason']}"]
             if "audio_seconds" in event:

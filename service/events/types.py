@@ -80,6 +80,19 @@ class Error:
 
 
 @dataclass(frozen=True, slots=True)
+class Lagging:
+    """The session's results are late: its oldest utterance waiting for the model has waited
+    ``seconds`` (sent when that crosses the threshold and again when it changes a lot;
+    ``seconds: 0`` once the session has caught up)."""
+
+    seconds: float
+    type: str = field(default="lagging", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "seconds": self.seconds, "channel": None}
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """The last event of a session: why it ended and what it processed."""
 
@@ -91,7 +104,7 @@ class End:
         return {"type": self.type, "reason": self.reason, **self.summary, "channel": None}
 
 
-Event = Active | Inactive | Segment | Error | End
+Event = Active | Inactive | Segment | Error | Lagging | End
 
 
 @dataclass(frozen=True, slots=True)

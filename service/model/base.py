@@ -6,6 +6,13 @@ JSON-serialisable and is flattened into the ``segment`` event (the dummy model r
 event with code ``model_failed``); anything else counts as a panic (``model_panic``). Either way
 the session goes on.
 
+A model may also offer ``infer_batch(list of audio) -> list`` (one output per input, in order;
+an item may be a :class:`ModelError` instance for an input that failed alone) and say how many
+inputs it takes at once with ``max_batch_size``. The engine (``service/model/engine.py``) then
+gathers queued calls from every session into one ``infer_batch`` call. Worth it where a batch
+costs about as much as its longest item (a GPU, a vectorised CPU kernel); a model with only
+``infer`` gets one call per item, on ``STREAMER_MODEL_THREADS`` threads.
+
 Plug one in by configuration: ``STREAMER_MODEL=package.module:factory`` and
 ``STREAMER_MODEL_OPTIONS='{"json": "kwargs"}'``; the factory is called once at startup.
 """
@@ -29,6 +36,17 @@ class Model(Protocol):
         """Run on 16 kHz mono float32 audio. Blocking; called from worker threads,
         possibly several at once (up to ``STREAMER_MODEL_THREADS``)."""
         ...
+
+
+def batch_size_of(model: object) -> int:
+    """How many inputs ``model.infer_batch`` takes at once (``max_batch_size``; unbounded if it
+    does not say)."""
+    size = getattr(model, "max_batch_size", None)
+    if size is None:
+        return 1 << 30
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_batch_size must be a positive int, got {size!r}")
+    return size
 
 
 def load_model(spec: str, options: Mapping[str, Any]) -> Model:

@@ -2,8 +2,15 @@
 
 It sleeps ``duration * constant_factor + delay + jitter * U(-1, 1)`` seconds (the first call
 ``warmup_penalty`` times longer again), then fails with probability ``failure_rate`` and panics
-with probability ``panic_rate``. (The seed's own check is inverted, succeeding only with
-probability ``failure_rate``; this one does what the parameter names say.)
+with probability ``panic_rate``.
+
+``infer_batch`` stands for a model on a GPU, where a batch costs about what its longest item
+does: one sleep of ``max(duration) * constant_factor + delay + jitter`` for the whole batch (of
+up to ``max_batch_size`` items). Each item fails on its own with ``failure_rate`` (a
+:class:`ModelError` in its place); a panic takes the whole batch, as a crash would.
+
+(The seed's own check is inverted, succeeding only with probability ``failure_rate``; this one
+does what the parameter names say.)
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +40,7 @@ class DummyModel:
     panic_rate: float = 0.0
     warmup_penalty: float = 0.0
     seed: int | None = None
+    max_batch_size: int = 64
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -40,22 +48,34 @@ class DummyModel:
         self._warm = False
 
     def infer(self, audio: Samples) -> Mapping[str, Any]:
-        duration = len(audio) / MODEL_SAMPLE_RATE
+        result = self.infer_batch([audio])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def infer_batch(self, audios: Sequence[Samples]) -> list[Mapping[str, Any] | ModelError]:
+        if len(audios) > self.max_batch_size:
+            raise ValueError(f"{len(audios)} inputs, max_batch_size is {self.max_batch_size}")
+        longest = max((len(a) for a in audios), default=0) / MODEL_SAMPLE_RATE
         with self._lock:  # Random and the warm-up flag are shared by the worker threads
             jitter = self.jitter * (self._rng.random() * 2.0 - 1.0)
             first = not self._warm
             self._warm = True
-            fail_roll, panic_roll = self._rng.random(), self._rng.random()
-        delay = duration * self.constant_factor + self.delay + jitter
+            panic_roll = self._rng.random()
+            fail_rolls = [self._rng.random() for _ in audios]
+        delay = longest * self.constant_factor + self.delay + jitter
         if first and self.warmup_penalty > 0:
             delay += delay * self.warmup_penalty
         if delay > 0:
             time.sleep(delay)
         if panic_roll < self.panic_rate:
             raise ModelPanic("inference catastrophically failed")
-        if fail_roll < self.failure_rate:
-            raise ModelError("unexpected inference failure")
-        return {"count": len(audio)}
+        return [
+            ModelError("unexpected inference failure")
+            if roll < self.failure_rate
+            else {"count": len(a)}
+            for a, roll in zip(audios, fail_rolls, strict=True)
+        ]
 
 
 def create(**options: Any) -> DummyModel:

@@ -1,55 +1,50 @@
-"""The model stage: speech boundaries become events, speech audio goes to the model in threads.
+"""The model stage of one session: speech boundaries become events at once, speech audio goes to
+the shared :class:`~service.model.engine.ModelEngine`, and results come back in order.
 
-Final results of a channel are emitted in utterance order even though several model calls run at
-once; an interim result that would arrive after its utterance's final (or after a newer interim)
-is stale and dropped; while an interim call is in flight the next interim tick is skipped, so a
-slow model never builds a backlog of partials.
+The stage never waits for the model: ``active``/``inactive`` go out as the VAD finds them and
+every utterance is queued in the engine, so the VAD path keeps the pace of the audio whatever
+the model's backlog (the engine bounds that backlog, process-wide). Results are emitted by a
+second task:
+
+- finals in submission order (so in utterance order per channel), each as soon as it and every
+  final before it are done; a final the engine could not run becomes a ``model_overloaded``
+  error event with its times, in the same place;
+- an interim when it is done, unless it is stale (its final, or a newer interim, was already
+  emitted). A channel has at most one interim outstanding: a newer one replaces a queued one,
+  one that arrives while a call for the channel runs is skipped, and one that arrives while
+  a final of the channel is pending is dropped, as is a queued one when its final arrives
+  (finals first);
+- ``lagging`` when the session's oldest queued final has waited longer than the engine's
+  ``late_s``, again when that changes a lot, and ``lagging {seconds: 0}`` once caught up.
+
+In ``simple`` mode (one call at a time per session, audio accumulating meanwhile: see
+``model/simple.py``) the stage takes the next item only when the previous call is done.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import itertools
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
-from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from service.audio.chunk import Samples
-from service.errors import ErrorCode
-from service.events.types import Active, Error, Event, Inactive, Segment, seconds
-from service.model.base import Model, ModelError
+from service.audio.source import Doorbell
+from service.events.types import Active, Error, Event, Inactive, Lagging, Segment, seconds
+from service.model.base import Model
+from service.model.engine import Job, ModelCall, ModelEngine, ModelObserver
 from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
+
+__all__ = ["ModelCall", "ModelObserver", "ModelRunner", "ModelSummary"]
 
 Emit = Callable[[Event, float | None], Awaitable[None]]
 
-
-@dataclass(frozen=True, slots=True)
-class ModelCall:
-    """What the model is asked, for observers (metrics, traces)."""
-
-    channel: int
-    start: int
-    end: int
-    is_final: bool
-
-
-class ModelObserver:
-    """Hooks for metrics and tracing; the default does nothing."""
-
-    def call_started(self, call: ModelCall, queued_s: float) -> None:
-        pass
-
-    def call_finished(self, call: ModelCall, seconds_taken: float, error: str | None) -> None:
-        pass
-
-    def infer_wrapper(
-        self, call: ModelCall, fn: Callable[[Samples], Mapping[str, Any]]
-    ) -> Callable[[Samples], Mapping[str, Any]]:
-        """Wrap the blocking call (runs in the worker thread), e.g. to open a span there."""
-        return fn
+# A `lagging` event is sent again when the lag moved by this much (and this fraction) since the
+# last one: often enough to show, rarely enough not to flood a slow client.
+LAG_STEP_S = 1.0
+LAG_STEP_RATIO = 0.5
 
 
 @dataclass
@@ -59,139 +54,244 @@ class ModelSummary:
     interims_skipped: int = 0
     failures: int = 0
     panics: int = 0
-
-
-@dataclass
-class _Channel:
-    last_final_emitted: int = -1
-    interim_in_flight: bool = False
-    last_interim_end: int = -1
-    final_done: dict[int, anyio.Event] = field(default_factory=dict)
+    overloaded: int = 0
 
 
 class ModelRunner:
-    """Shared by every session: the model, the thread limiter and the observer."""
+    """Shared by every session: the engine (model, threads, queue) and the observer."""
 
     def __init__(
         self,
         model: Model,
         limiter: anyio.CapacityLimiter,
         *,
-        max_in_flight_per_session: int = 4,
+        max_batch: int = 64,
+        batch_wait_s: float = 0.002,
+        max_queued_s: float = 600.0,
+        late_s: float = 1.0,
         observer: ModelObserver | None = None,
     ) -> None:
-        self.model = model
-        self.limiter = limiter
-        self.max_in_flight = max_in_flight_per_session
         self.observer = observer or ModelObserver()
+        self.engine = ModelEngine(
+            model,
+            limiter,
+            max_batch=max_batch,
+            batch_wait_s=batch_wait_s,
+            max_queued_s=max_queued_s,
+            late_s=late_s,
+            observer=self.observer,
+        )
+        self._ranks = itertools.count()
 
-    async def infer(self, call: ModelCall, audio: Samples) -> Mapping[str, Any]:
-        queued = time.monotonic()
-        fn = self.observer.infer_wrapper(call, self.model.infer)
-        observer = self.observer
+    @property
+    def model(self) -> Model:
+        return self.engine.model
 
-        def work(samples: Samples) -> Mapping[str, Any]:
-            # Runs in the worker thread: the wait before it is queueing for a model slot.
-            t0 = time.monotonic()
-            observer.call_started(call, t0 - queued)
-            error: str | None = None
-            try:
-                return fn(samples)
-            except ModelError:
-                error = ErrorCode.MODEL_FAILED.value
-                raise
-            except Exception:
-                error = ErrorCode.MODEL_PANIC.value
-                raise
-            finally:
-                observer.call_finished(call, time.monotonic() - t0, error)
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        return self.engine.limiter
 
-        return await anyio.to_thread.run_sync(work, audio, limiter=self.limiter)
+    async def run(self) -> None:
+        await self.engine.run()
+
+    def wait_s(self) -> float:
+        """How long utterances wait for the model now (what admission reads)."""
+        return self.engine.wait_s()
 
     async def run_stage(
-        self, receive: MemoryObjectReceiveStream[VadOutput], emit: Emit
-    ) -> ModelSummary:
-        summary = ModelSummary()
-        channels: dict[int, _Channel] = {}
-        slots = anyio.Semaphore(self.max_in_flight)
-        async with receive, anyio.create_task_group() as tg:
-            async for item in receive:
-                ch = channels.setdefault(item.channel, _Channel())
-                if isinstance(item, SpeechStarted):
-                    await emit(Active(item.channel, seconds(item.start)), item.received_at)
-                elif isinstance(item, SpeechEnded):
-                    await emit(Inactive(item.channel, seconds(item.end)), item.received_at)
-                elif item.is_final:
-                    ch.final_done[item.utterance] = anyio.Event()
-                    # Backpressure: wait for a slot before reading more input.
-                    await slots.acquire()
-                    tg.start_soon(self._final, item, ch, slots, emit, summary)
-                else:
-                    self._interim(tg, item, ch, emit, summary)
-        return summary
-
-    async def _final(
         self,
-        item: SpeechAudio,
-        ch: _Channel,
-        slots: anyio.Semaphore,
+        receive: MemoryObjectReceiveStream[VadOutput],
         emit: Emit,
-        summary: ModelSummary,
-    ) -> None:
+        *,
+        one_at_a_time: bool = False,
+    ) -> ModelSummary:
+        stage = _Stage(self, next(self._ranks), emit)
+        return await stage.run(receive, one_at_a_time)
+
+
+class _Channel:
+    __slots__ = ("finals_pending", "interim", "last_final_start", "last_interim_end")
+
+    def __init__(self) -> None:
+        self.finals_pending = 0  # submitted, not yet emitted
+        self.interim: Job | None = None  # the outstanding interim (queued or running)
+        # Sample positions: where the last final emitted began (its utterance is closed), and
+        # where the last interim emitted ended.
+        self.last_final_start = -1
+        self.last_interim_end = -1
+
+
+class _Stage:
+    """One session's side of the engine (an :class:`~service.model.engine.Owner`)."""
+
+    def __init__(self, runner: ModelRunner, rank: int, emit: Emit) -> None:
+        self.runner = runner
+        self.engine = runner.engine
+        self.rank = rank
+        self.emit = emit
+        self.summary = ModelSummary()
+        self.channels: dict[int, _Channel] = {}
+        # Finals in submission order, with the time their audio arrived (for the event lag).
+        self.finals: deque[tuple[Job, float]] = deque()
+        self.interims_done: list[tuple[Job, float]] = []
+        self.received_at: dict[int, float] = {}  # id(job) -> received_at of interims
+        self.bell = Doorbell()  # wakes the emitter
+        self.emitted = Doorbell()  # wakes the reader in one-at-a-time mode
+        self.input_done = False
+        self.lag = 0.0  # the session's lag as last measured by the engine
+        self.lag_reported = 0.0  # as last sent in a `lagging` event
+
+    # -- Owner -----------------------------------------------------------------------------------
+
+    def job_done(self, job: Job) -> None:
+        if not job.call.is_final:
+            ch = self.channels[job.call.channel]
+            if ch.interim is job:
+                ch.interim = None
+            at = self.received_at.pop(id(job), 0.0)
+            if job.output is not None or job.error is not None:
+                self.interims_done.append((job, at))
+        self.bell.ring()
+
+    def lag_changed(self, seconds_: float) -> None:
+        self.lag = seconds_
+        if self._lag_to_report() is not None:
+            self.bell.ring()
+
+    # -- the stage -------------------------------------------------------------------------------
+
+    async def run(
+        self, receive: MemoryObjectReceiveStream[VadOutput], one_at_a_time: bool
+    ) -> ModelSummary:
         try:
-            event = await self._call(item, summary)
+            async with receive, anyio.create_task_group() as tg:
+                tg.start_soon(self._emitter)
+                try:
+                    async for item in receive:
+                        await self._take(item)
+                        if one_at_a_time:
+                            while self.finals:
+                                await self.emitted.wait()
+                finally:
+                    self.input_done = True
+                    self.bell.ring()
         finally:
-            slots.release()
-        # Keep finals of a channel in utterance order.
-        previous = ch.final_done.get(item.utterance - 1)
-        if previous is not None:
-            await previous.wait()
-        await emit(event, item.received_at)
-        ch.last_final_emitted = max(ch.last_final_emitted, item.utterance)
-        ch.final_done.pop(item.utterance - 1, None)
-        ch.final_done[item.utterance].set()
-        if isinstance(event, Segment):
-            summary.finals += 1
+            self.engine.forget(self)
+        return self.summary
 
-    def _interim(
-        self, tg: TaskGroup, item: SpeechAudio, ch: _Channel, emit: Emit, summary: ModelSummary
-    ) -> None:
-        if ch.interim_in_flight:
-            summary.interims_skipped += 1
+    async def _take(self, item: VadOutput) -> None:
+        ch = self.channels.get(item.channel)
+        if ch is None:
+            ch = self.channels[item.channel] = _Channel()
+        if isinstance(item, SpeechStarted):
+            await self.emit(Active(item.channel, seconds(item.start)), item.received_at)
+        elif isinstance(item, SpeechEnded):
+            await self.emit(Inactive(item.channel, seconds(item.end)), item.received_at)
+        elif item.is_final:
+            self._drop_queued_interim(ch)  # finals first
+            job = self._job(item)
+            ch.finals_pending += 1
+            self.finals.append((job, item.received_at))
+            if not self.engine.submit(job):
+                self.bell.ring()  # refused: emitted as an error in its place
+        else:
+            self._interim(item, ch)
+
+    def _interim(self, item: SpeechAudio, ch: _Channel) -> None:
+        if ch.finals_pending:
+            self.summary.interims_skipped += 1  # finals first
             return
-        ch.interim_in_flight = True
+        if ch.interim is not None and not self._drop_queued_interim(ch):
+            self.summary.interims_skipped += 1  # one call per channel at a time
+            return
+        # None queued now (one that had not started gave its place to this newer audio).
+        job = self._job(item)
+        if self.engine.submit(job):
+            ch.interim = job
+            self.received_at[id(job)] = item.received_at
+        else:
+            self.summary.interims_skipped += 1
 
-        async def run() -> None:
-            try:
-                event = await self._call(item, summary)
-            finally:
-                ch.interim_in_flight = False
-            stale = ch.last_final_emitted >= item.utterance or ch.last_interim_end >= item.end
-            if not stale:
-                ch.last_interim_end = item.end
-                await emit(event, item.received_at)
-                if isinstance(event, Segment):
-                    summary.interims += 1
+    def _drop_queued_interim(self, ch: _Channel) -> bool:
+        """Drop the channel's interim if it has not started; False if it runs."""
+        job = ch.interim
+        if job is None or not self.engine.withdraw(job, superseded=True):
+            return job is None
+        self.received_at.pop(id(job), None)
+        self.summary.interims_skipped += 1
+        ch.interim = None
+        return True
 
-        tg.start_soon(run)
-
-    async def _call(self, item: SpeechAudio, summary: ModelSummary) -> Event:
+    def _job(self, item: SpeechAudio) -> Job:
         call = ModelCall(item.channel, item.start, item.end, item.is_final)
-        start, end = seconds(item.start), seconds(item.end)
-        try:
-            output = await self.infer(call, item.audio)
-        except ModelError as exc:
-            summary.failures += 1
-            return Error(
-                ErrorCode.MODEL_FAILED.value, f"model failed: {exc}", item.channel, start, end
-            )
-        except Exception as exc:
-            summary.panics += 1
-            return Error(
-                ErrorCode.MODEL_PANIC.value,
-                f"model crashed ({type(exc).__name__}); the session continues",
-                item.channel,
-                start,
-                end,
-            )
-        return Segment(item.channel, start, end, item.is_final, output)
+        return Job(self, call, item.audio, self.runner.observer.call_queued(call))
+
+    async def _emitter(self) -> None:
+        while True:
+            # Finals first, in order; then whatever interims are done and still news.
+            while self.finals and self.finals[0][0].done:
+                job, at = self.finals.popleft()
+                ch = self.channels[job.call.channel]
+                ch.finals_pending -= 1
+                await self.emit(self._event(job), at)
+                ch.last_final_start = max(ch.last_final_start, job.call.start)
+                if not self.finals:
+                    self.lag = 0.0  # caught up; the engine's next measure would say so too
+                self.emitted.ring()
+            if self.interims_done:
+                done, self.interims_done = self.interims_done, []
+                for job, at in done:
+                    await self._emit_interim(job, at)
+            lag = self._lag_to_report()
+            if lag is not None:
+                self.lag_reported = lag
+                await self.emit(Lagging(round(lag, 1)), None)
+            if self.input_done and not self.finals and not self._interims_outstanding():
+                return
+            if (self.finals and self.finals[0][0].done) or self.interims_done:
+                continue
+            await self.bell.wait()
+
+    async def _emit_interim(self, job: Job, at: float) -> None:
+        ch = self.channels[job.call.channel]
+        # Stale: its final is out (an interim starts where its utterance starts, so one of a
+        # closed utterance starts at or before the last final), or a newer interim is. One
+        # done while its final is still pending goes out: it comes before that final.
+        if job.call.start <= ch.last_final_start or job.call.end <= ch.last_interim_end:
+            self.summary.interims_skipped += 1
+            return
+        ch.last_interim_end = job.call.end
+        await self.emit(self._event(job), at)
+
+    def _interims_outstanding(self) -> bool:
+        return any(ch.interim is not None for ch in self.channels.values())
+
+    def _lag_to_report(self) -> float | None:
+        """The lag to announce now, if it is news: over the threshold and moved enough since
+        the last `lagging`, or caught up after one."""
+        lag, last = self.lag, self.lag_reported
+        if lag <= self.engine.late_s:
+            return 0.0 if last > 0 else None
+        moved = abs(lag - last)
+        if last == 0 or (moved >= LAG_STEP_S and moved >= LAG_STEP_RATIO * last):
+            return lag
+        return None
+
+    def _event(self, job: Job) -> Event:
+        call = job.call
+        start, end = seconds(call.start), seconds(call.end)
+        if job.error is not None:
+            code, message = job.error
+            if code == "model_failed":
+                self.summary.failures += 1
+            elif code == "model_overloaded":
+                self.summary.overloaded += 1
+            else:
+                self.summary.panics += 1
+            return Error(code, message, call.channel, start, end)
+        assert job.output is not None
+        if call.is_final:
+            self.summary.finals += 1
+        else:
+            self.summary.interims += 1
+        return Segment(call.channel, start, end, call.is_final, job.output)

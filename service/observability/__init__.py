@@ -15,7 +15,7 @@ import anyio
 from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.middleware import Middleware
 
-from service.model.runner import ModelObserver
+from service.model.engine import ModelEngine, ModelObserver
 from service.observability.fanout import FanOutModelObserver, FanOutObserver
 from service.observability.logs import LogContextObserver
 from service.observability.metrics import Metrics, MetricsObserver
@@ -63,9 +63,10 @@ class Observability:
     def middleware(self) -> list[Middleware]:
         return [self.tracing.middleware()] if self.tracing is not None else []
 
-    def start(self, model_limiter: anyio.CapacityLimiter) -> None:
+    def start(self, engine: ModelEngine) -> None:
         """In the lifespan, once the shared runtime exists."""
-        self.metrics.watch_model_limiter(model_limiter)
+        self.metrics.watch_model_limiter(engine.limiter)
+        self.metrics.watch_engine(engine)
         if self.tracing is not None:
             self.tracing.start()
 

@@ -3,12 +3,11 @@ observer a caller of ``create_app`` adds."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from service.audio.chunk import Samples
-from service.model.runner import ModelCall, ModelObserver
+from service.model.engine import NO_TRACE, CallTrace, ModelCall, ModelObserver
 from service.session.observer import SessionObserver
 
 if TYPE_CHECKING:
@@ -31,6 +30,10 @@ class FanOutObserver(SessionObserver):
     def session_started(self, session: Session) -> None:
         for o in self.observers:
             o.session_started(session)
+
+    def session_refused(self, cause: str) -> None:
+        for o in self.observers:
+            o.session_refused(cause)
 
     def session_ended(self, session: Session) -> None:
         for o in self.observers:
@@ -68,17 +71,32 @@ class FanOutModelObserver(ModelObserver):
     def __init__(self, observers: Sequence[ModelObserver]) -> None:
         self.observers = tuple(observers)
 
-    def call_started(self, call: ModelCall, queued_s: float) -> None:
-        for o in self.observers:
-            o.call_started(call, queued_s)
+    def call_queued(self, call: ModelCall) -> CallTrace:
+        traces = [o.call_queued(call) for o in self.observers]
+        traces = [t for t in traces if t is not NO_TRACE]
+        if not traces:
+            return NO_TRACE
+        return traces[0] if len(traces) == 1 else _FanOutTrace(traces)
 
-    def call_finished(self, call: ModelCall, seconds_taken: float, error: str | None) -> None:
+    def batch_finished(self, size: int, audio_s: float, seconds_taken: float) -> None:
         for o in self.observers:
-            o.call_finished(call, seconds_taken, error)
+            o.batch_finished(size, audio_s, seconds_taken)
 
-    def infer_wrapper(
-        self, call: ModelCall, fn: Callable[[Samples], Mapping[str, Any]]
-    ) -> Callable[[Samples], Mapping[str, Any]]:
+    def call_dropped(self, call: ModelCall, reason: str) -> None:
         for o in self.observers:
-            fn = o.infer_wrapper(call, fn)
-        return fn
+            o.call_dropped(call, reason)
+
+
+class _FanOutTrace:
+    __slots__ = ("traces",)
+
+    def __init__(self, traces: Sequence[CallTrace]) -> None:
+        self.traces = traces
+
+    def started(self, queued_s: float, batch_size: int) -> None:
+        for t in self.traces:
+            t.started(queued_s, batch_size)
+
+    def finished(self, seconds_taken: float, error: str | None, exc: BaseException | None) -> None:
+        for t in reversed(self.traces):
+            t.finished(seconds_taken, error, exc)

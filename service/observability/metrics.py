@@ -35,7 +35,7 @@ from service.audio.packets import TURNAROUND_WINDOW_S, Turnaround
 from service.config import MODEL_SAMPLE_RATE
 from service.errors import ErrorCode, StreamerError
 from service.events.types import Error, Event, Segment
-from service.model.runner import ModelCall, ModelObserver
+from service.model.engine import CallTrace, ModelCall, ModelEngine, ModelObserver
 from service.observability.loop import SAMPLE_S, WINDOW_S, LoopLoad
 from service.session.observer import SessionObserver
 from service.session.session import EndReason
@@ -77,12 +77,15 @@ LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 # Event types as labelled: the API's, with segments split by finality (finals are the product;
 # interims are optional extras whose volume and lag differ).
-EVENT_TYPES = ("active", "inactive", "final", "interim", "error", "end")
+EVENT_TYPES = ("active", "inactive", "final", "interim", "error", "lagging", "end")
 MODEL_OUTCOMES = {
     None: "ok",
     ErrorCode.MODEL_FAILED.value: "failed",
     ErrorCode.MODEL_PANIC.value: "panic",
+    ErrorCode.INTERNAL.value: "panic",
 }
+# Why a new session was turned away (streamer_sessions_refused_total's label).
+REFUSAL_CAUSES = ("max_sessions", "event_loop", "opus_decoder", "model")
 
 
 def event_type(event: Event) -> str:
@@ -181,10 +184,70 @@ class Metrics:
         )
         self.model_queue_wait = Histogram(
             "streamer_model_queue_wait_seconds",
-            "Time a model call waited for a worker thread",
+            "Time a model call waited in the model engine's queue before its batch started",
             buckets=QUEUE_BUCKETS,
             registry=r,
         )
+        self.model_batches = Counter(
+            "streamer_model_batches",
+            "Calls into the model (an infer_batch of several items, or one infer); its rate is "
+            "the model's calls per second",
+            registry=r,
+        )
+        self.model_batch_size = Histogram(
+            "streamer_model_batch_size",
+            "Items (utterances or interims, across sessions) per call into the model",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.model_dropped = Counter(
+            "streamer_model_dropped_calls",
+            "Model calls that never ran: overloaded (a final the full queue could not hold: "
+            "its session got a model_overloaded error) or superseded (an interim replaced by "
+            "a newer one, or dropped while its final was pending)",
+            ["reason"],
+            registry=r,
+        )
+        self.sessions_refused = Counter(
+            "streamer_sessions_refused",
+            "New sessions turned away (503 too_many_sessions / server_overloaded), by cause: "
+            "max_sessions, event_loop, opus_decoder, model",
+            ["cause"],
+            registry=r,
+        )
+        self._engine: ModelEngine | None = None
+        depth = Gauge(
+            "streamer_model_queue_depth",
+            "Model calls queued in the engine, not yet running, by kind (final/interim)",
+            ["kind"],
+            registry=r,
+        )
+        depth.labels("final").set_function(
+            lambda: self._engine.queued_finals if self._engine else 0
+        )
+        depth.labels("interim").set_function(
+            lambda: self._engine.queued_interims if self._engine else 0
+        )
+        Gauge(
+            "streamer_model_queue_audio_seconds",
+            "Audio queued for the model across the process (bounded by "
+            "STREAMER_MODEL_QUEUE_MAX_SECONDS)",
+            registry=r,
+        ).set_function(
+            lambda: self._engine.queued_samples / MODEL_SAMPLE_RATE if self._engine else 0.0
+        )
+        Gauge(
+            "streamer_model_queue_oldest_seconds",
+            "How long the longest-waiting queued final has waited for the model",
+            registry=r,
+        ).set_function(lambda: self._engine.oldest_wait_s() if self._engine else 0.0)
+        Gauge(
+            "streamer_model_wait_seconds",
+            "What admission reads: the oldest queued final's wait, or the mean wait of finals "
+            "over the last 2 s if longer; new sessions get 503 server_overloaded above "
+            "STREAMER_ADMIT_MAX_MODEL_WAIT_MS",
+            registry=r,
+        ).set_function(lambda: self._engine.wait_s() if self._engine else 0.0)
         self._model_limiter: anyio.CapacityLimiter | None = None
         Gauge("streamer_model_threads", "Worker threads for model calls", registry=r).set_function(
             lambda: self._limiter_stat("total")
@@ -245,12 +308,20 @@ class Metrics:
         for code in ErrorCode:
             self.errors.labels(code.value)
         for kind in ("final", "interim"):
-            for outcome in MODEL_OUTCOMES.values():
+            for outcome in ("ok", "failed", "panic", "overloaded"):
                 self.model_calls.labels(kind, outcome)
+        for dropped in ("overloaded", "superseded"):
+            self.model_dropped.labels(dropped)
+        for cause in REFUSAL_CAUSES:
+            self.sessions_refused.labels(cause)
 
     def watch_model_limiter(self, limiter: anyio.CapacityLimiter) -> None:
         """Expose the model threads' capacity in use (read at scrape time)."""
         self._model_limiter = limiter
+
+    def watch_engine(self, engine: ModelEngine) -> None:
+        """Expose the model engine's queue (read at scrape time)."""
+        self._engine = engine
 
     def _limiter_stat(self, which: str) -> float:
         limiter = self._model_limiter
@@ -360,13 +431,37 @@ class MetricsObserver(SessionObserver, ModelObserver):
 
     # -- model calls (worker threads) ----------------------------------------------------------
 
-    def call_started(self, call: ModelCall, queued_s: float) -> None:
+    def call_queued(self, call: ModelCall) -> CallTrace:
+        return _CallMetrics(self.m, call)
+
+    def batch_finished(self, size: int, audio_s: float, seconds_taken: float) -> None:
+        # One observation per call into the model: its real-time factor is the batch's time
+        # over all the audio in it, what the model really costs per audio second.
+        self.m.model_batches.inc()
+        self.m.model_batch_size.observe(size)
+        self.m.observe_rtf(MODEL, audio_s, seconds_taken)
+
+    def call_dropped(self, call: ModelCall, reason: str) -> None:
+        self.m.model_dropped.labels(reason).inc()
+        if reason == "overloaded":
+            self.m.model_calls.labels("final" if call.is_final else "interim", reason).inc()
+
+    def session_refused(self, cause: str) -> None:
+        self.m.sessions_refused.labels(cause).inc()
+
+
+class _CallMetrics:
+    __slots__ = ("call", "m")
+
+    def __init__(self, m: Metrics, call: ModelCall) -> None:
+        self.m, self.call = m, call
+
+    def started(self, queued_s: float, batch_size: int) -> None:
         self.m.model_queue_wait.observe(max(0.0, queued_s))
 
-    def call_finished(self, call: ModelCall, seconds_taken: float, error: str | None) -> None:
-        kind = "final" if call.is_final else "interim"
+    def finished(self, seconds_taken: float, error: str | None, exc: BaseException | None) -> None:
+        kind = "final" if self.call.is_final else "interim"
         self.m.model_calls.labels(kind, MODEL_OUTCOMES.get(error, "panic")).inc()
-        self.m.observe_rtf(MODEL, (call.end - call.start) / MODEL_SAMPLE_RATE, seconds_taken)
 
 
 async def _counted(events: AsyncIterator[T], gauge: Gauge) -> AsyncIterator[T]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -40,12 +39,9 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.middleware import Middleware
 
-from service.audio.chunk import Samples
 from service.config import MODEL_SAMPLE_RATE
-from service.errors import ErrorCode
 from service.events.types import Error, Event
-from service.model.base import ModelError
-from service.model.runner import ModelCall, ModelObserver
+from service.model.engine import CallTrace, ModelCall, ModelObserver
 from service.session.observer import SessionObserver
 
 if TYPE_CHECKING:
@@ -322,41 +318,47 @@ class TracingObserver(SessionObserver, ModelObserver):
 
     # -- model calls ---------------------------------------------------------------------------
 
-    def infer_wrapper(
-        self, call: ModelCall, fn: Callable[[Samples], Mapping[str, Any]]
-    ) -> Callable[[Samples], Mapping[str, Any]]:
+    def call_queued(self, call: ModelCall) -> CallTrace:
         # Called on the event loop inside the session's model stage, whose context holds the
         # session span; the call itself runs in a worker thread, so the parent is passed on.
-        parent = otel_context.get_current()
-        queued_at = time.monotonic()
-        tracer = self.tracer
+        return _CallSpan(self.tracer, call, otel_context.get_current())
 
-        def traced(audio: Samples) -> Mapping[str, Any]:
-            span = tracer.start_span(
-                "model",
-                context=parent,
-                attributes={
-                    "streamer.model.channel": call.channel,
-                    "streamer.model.start_time": call.start / MODEL_SAMPLE_RATE,
-                    "streamer.model.end_time": call.end / MODEL_SAMPLE_RATE,
-                    "streamer.model.audio_seconds": (call.end - call.start) / MODEL_SAMPLE_RATE,
-                    "streamer.model.is_final": call.is_final,
-                    "streamer.model.queued_seconds": time.monotonic() - queued_at,
-                },
-            )
-            with trace.use_span(
-                span, end_on_exit=True, record_exception=False, set_status_on_exception=False
-            ):
-                try:
-                    return fn(audio)
-                except ModelError as exc:
-                    _fail(span, exc, ErrorCode.MODEL_FAILED.value)
-                    raise
-                except Exception as exc:
-                    _fail(span, exc, ErrorCode.MODEL_PANIC.value)
-                    raise
 
-        return traced
+class _CallSpan:
+    """A model call's span: from the start of its batch in the worker thread to its outcome."""
+
+    __slots__ = ("call", "parent", "span", "tracer")
+
+    def __init__(self, tracer: trace.Tracer, call: ModelCall, parent: otel_context.Context) -> None:
+        self.tracer, self.call, self.parent = tracer, call, parent
+        self.span: Span | None = None
+
+    def started(self, queued_s: float, batch_size: int) -> None:
+        call = self.call
+        self.span = self.tracer.start_span(
+            "model",
+            context=self.parent,
+            attributes={
+                "streamer.model.channel": call.channel,
+                "streamer.model.start_time": call.start / MODEL_SAMPLE_RATE,
+                "streamer.model.end_time": call.end / MODEL_SAMPLE_RATE,
+                "streamer.model.audio_seconds": (call.end - call.start) / MODEL_SAMPLE_RATE,
+                "streamer.model.is_final": call.is_final,
+                "streamer.model.queued_seconds": queued_s,
+                "streamer.model.batch_size": batch_size,
+            },
+        )
+
+    def finished(self, seconds_taken: float, error: str | None, exc: BaseException | None) -> None:
+        span = self.span
+        if span is None:
+            return
+        if error is not None:
+            if exc is not None:
+                span.record_exception(exc)
+            span.set_attribute("error.type", error)
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
 
 
 def _fail(span: Span, exc: Exception, code: str) -> None:

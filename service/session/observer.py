@@ -21,6 +21,10 @@ class SessionObserver:
     def session_started(self, session: Session) -> None:
         pass
 
+    def session_refused(self, cause: str) -> None:
+        """A new session was turned away for capacity (max_sessions, event_loop, opus_decoder,
+        model)."""
+
     def session_ended(self, session: Session) -> None:
         pass
 

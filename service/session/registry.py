@@ -86,23 +86,41 @@ class Registry:
     def _check_capacity(self) -> None:
         if not self.accepting:
             raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        refusal = self._refusal()
+        if refusal is not None:
+            cause, error = refusal
+            self.runtime.observer.session_refused(cause)
+            raise error
+
+    def _refusal(self) -> tuple[str, StreamerError] | None:
+        """Why a new session would be turned away now (its cause, for the metric), or None."""
         settings = self.runtime.settings
         limit = settings.max_sessions
         if self.live >= limit:
-            raise StreamerError(
+            return "max_sessions", StreamerError(
                 ErrorCode.TOO_MANY_SESSIONS, f"the server holds its maximum of {limit} sessions"
             )
         busy, most = self.runtime.load.busy, settings.admit_max_loop_busy
         if 0 < most < 1 and busy > most:
-            raise _overloaded(f"its event loop was {busy:.0%} busy, the limit is {most:.0%}")
+            return "event_loop", _overloaded(
+                f"its event loop was {busy:.0%} busy, the limit is {most:.0%}"
+            )
         decoders, most_ms = self.runtime.decoders, settings.admit_max_decode_ms
         if decoders is not None and most_ms > 0:
             took_ms = decoders.turnaround.seconds() * 1000
             if took_ms > most_ms:
-                raise _overloaded(
+                return "opus_decoder", _overloaded(
                     f"its Opus decoder takes {took_ms:.0f} ms per batch, "
                     f"the limit is {most_ms:g} ms"
                 )
+        most_ms = settings.admit_max_model_wait_ms
+        if most_ms > 0:
+            wait_ms = self.runtime.models.wait_s() * 1000
+            if wait_ms > most_ms:
+                return "model", _overloaded(
+                    f"utterances wait {wait_ms:.0f} ms for the model, the limit is {most_ms:g} ms"
+                )
+        return None
 
     async def create(self, config: SessionConfig) -> str:
         """A new session, waiting for its audio; returns its id."""

@@ -315,7 +315,10 @@ class Session:
 
     async def _model(self, receive: MemoryObjectReceiveStream[VadOutput]) -> None:
         with self.runtime.observer.stage(self, "model"):
-            await self.runtime.models.run_stage(receive, self.emit)
+            # Simple mode sends the model one call at a time (audio accumulates meanwhile).
+            await self.runtime.models.run_stage(
+                receive, self.emit, one_at_a_time=self.config.mode != "segmented"
+            )
 
     async def emit(self, event: Event, received_at: float | None = None) -> None:
         if self.log.closed:

@@ -25,10 +25,12 @@ FORMATS = [
 ]
 
 
-async def chunks(path: Path, size: int = 16384) -> Any:
+async def chunks(path: Path, size: int = 16384, pause_s: float = 0.0) -> Any:
     data = path.read_bytes()
     for i in range(0, len(data), size):
         yield data[i : i + size]
+        if pause_s:
+            await anyio.sleep(pause_s)
 
 
 async def run_session(
@@ -37,12 +39,13 @@ async def run_session(
     config: dict[str, Any] | None = None,
     query: str = "",
     method: str = "POST",
+    pause_s: float = 0.0,
 ) -> tuple[httpx.Response, list[SseEvent]]:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         created = (await client.post("/v1/sessions", json=config)).json()
         with anyio.fail_after(60):
             upload = await client.request(
-                method, created["audio_url"] + query, content=chunks(path)
+                method, created["audio_url"] + query, content=chunks(path, pause_s=pause_s)
             )
             events = await read_all(client, created["events_url"])
     return upload, events
@@ -172,7 +175,11 @@ async def test_simple_mode_sends_every_sample(server: Server) -> None:
 
 
 async def test_interim_results(server: Server) -> None:
-    upload, events = await run_session(server, DATA / "speech.wav", {"interim_results": True})
+    # At 4x real time (0.512 s of audio every 0.128 s): over a fast upload an utterance's final
+    # follows its interims within milliseconds and replaces them in the model's queue.
+    upload, events = await run_session(
+        server, DATA / "speech.wav", {"interim_results": True}, pause_s=0.128
+    )
     assert upload.status_code == 200
     interims = [e.data for e in events if e.event == "segment" and not e.data["is_final"]]
     assert interims, "speech over 0.5 s should give at least one interim result"

@@ -126,6 +126,9 @@ def test_readable_lines() -> None:
     end = {"type": "end", "reason": "completed", "audio_seconds": 7.52, "segments": 3, "errors": 0}
     assert format_event(end) == "end completed  7.52s audio  3 segments  0 errors"
     assert format_event({"type": "novel", "x": 1}).startswith("novel {")
+    late = {"type": "lagging", "seconds": 2.26, "channel": None}
+    assert format_event(late) == "lagging 2.3s: results are late (the model is behind)"
+    assert format_event({**late, "seconds": 0}) == "lagging 0s: results on time again"
 
 
 def test_progress_line() -> None:

@@ -48,8 +48,8 @@ def audio(seconds_to_sleep: float, n: int = 160) -> Samples:
     return a
 
 
-async def run(items: list[VadOutput], model: ScriptedModel, in_flight: int = 4) -> list[Event]:
-    runner = ModelRunner(model, anyio.CapacityLimiter(4), max_in_flight_per_session=in_flight)
+async def run(items: list[VadOutput], model: ScriptedModel) -> list[Event]:
+    runner = ModelRunner(model, anyio.CapacityLimiter(4))
     send, receive = anyio.create_memory_object_stream[VadOutput](0)
     out: list[Event] = []
 
@@ -57,11 +57,14 @@ async def run(items: list[VadOutput], model: ScriptedModel, in_flight: int = 4) 
         out.append(event)
 
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(runner.run_stage, receive, emit)
-            async with send:
-                for item in items:
-                    await send.send(item)
+        async with anyio.create_task_group() as engine_tg:
+            engine_tg.start_soon(runner.run)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(runner.run_stage, receive, emit)
+                async with send:
+                    for item in items:
+                        await send.send(item)
+            engine_tg.cancel_scope.cancel()
     return out
 
 

@@ -110,10 +110,15 @@ async def test_a_session_figures_match_what_was_sent(server: Server, speech_wav:
     assert got_audio <= vad < got_audio + 512 / 16000
     model = delta(after, before, "streamer_media_duration_seconds_sum", stage="model_inference")
     assert model == pytest.approx(sum(f.data["end_time"] - f.data["start_time"] for f in finals))
-    assert delta(after, before, "streamer_rtf_count", stage="model_inference") == 3
+    # One real-time-factor observation per call into the model (a batch of 1-3 finals).
+    batches = delta(after, before, "streamer_model_batches_total")
+    assert 1 <= batches <= 3
+    assert delta(after, before, "streamer_rtf_count", stage="model_inference") == batches
+    assert delta(after, before, "streamer_model_batch_size_sum") == 3
     # The model: three successful final calls, each queued once; threads idle again.
     assert delta(after, before, "streamer_model_calls_total", kind="final", outcome="ok") == 3
     assert delta(after, before, "streamer_model_queue_wait_seconds_count") == 3
+    assert value(after, "streamer_model_queue_depth", kind="final") == 0
     assert value(after, "streamer_model_threads") >= 2
     assert value(after, "streamer_model_threads_busy") == 0
     assert value(after, "streamer_model_calls_waiting") == 0

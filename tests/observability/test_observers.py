@@ -22,12 +22,14 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from service.audio.chunk import Samples
+from service.events.types import Event
 from service.model.base import ModelError
-from service.model.runner import ModelCall, ModelRunner
+from service.model.runner import ModelRunner
 from service.observability.fanout import FanOutModelObserver
 from service.observability.loop import LoopLoad
 from service.observability.metrics import Metrics, MetricsObserver
 from service.observability.tracing import Tracing, TracingObserver, parent_from_traceparent
+from service.vad.speech import SpeechAudio, VadOutput
 
 
 class Flaky:
@@ -45,8 +47,28 @@ class Flaky:
         return {"count": len(audio)}
 
 
-@pytest.mark.anyio
-async def test_model_calls_get_a_span_and_a_count_each_with_their_outcome() -> None:
+async def _run_finals(runner: ModelRunner, n: int) -> list[Event]:
+    """``n`` finals of 0.1 s, 1 s apart, through one session's model stage."""
+    send, receive = anyio.create_memory_object_stream[VadOutput](n)
+    out: list[Event] = []
+
+    async def emit(event: Event, received_at: float | None) -> None:
+        out.append(event)
+
+    for u in range(n):
+        start = 16000 * (u + 1)
+        audio = np.zeros(1600, dtype=np.float32)
+        send.send_nowait(SpeechAudio(0, u, start, start + 1600, audio, True, 0.0))
+    send.close()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run)
+            await runner.run_stage(receive, emit)
+            tg.cancel_scope.cancel()
+    return out
+
+
+def _observed() -> tuple[InMemorySpanExporter, Metrics, FanOutModelObserver]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -54,21 +76,25 @@ async def test_model_calls_get_a_span_and_a_count_each_with_their_outcome() -> N
     observer = FanOutModelObserver(
         [MetricsObserver(metrics), TracingObserver(provider.get_tracer("test"))]
     )
-    runner = ModelRunner(Flaky(), anyio.CapacityLimiter(1), observer=observer)
-    audio = np.zeros(1600, dtype=np.float32)
-    call = ModelCall(channel=0, start=16000, end=17600, is_final=True)
-    with anyio.fail_after(10):
-        assert await runner.infer(call, audio) == {"count": 1600}
-        with pytest.raises(ModelError):
-            await runner.infer(call, audio)
-        with pytest.raises(RuntimeError):
-            await runner.infer(call, audio)
+    return exporter, metrics, observer
 
-    ok, failed, panic = exporter.get_finished_spans()
+
+@pytest.mark.anyio
+async def test_model_calls_get_a_span_and_a_count_each_with_their_outcome() -> None:
+    exporter, metrics, observer = _observed()
+    runner = ModelRunner(Flaky(), anyio.CapacityLimiter(1), observer=observer)
+    out = await _run_finals(runner, 3)
+    assert [e.to_dict().get("code") for e in out] == [None, "model_failed", "model_panic"]
+
+    ok, failed, panic = sorted(
+        exporter.get_finished_spans(),
+        key=lambda s: (s.attributes or {})["streamer.model.start_time"],
+    )
     assert all(s.name == "model" for s in (ok, failed, panic))
     assert ok.status.status_code is StatusCode.UNSET
     assert (ok.attributes or {})["streamer.model.audio_seconds"] == 0.1
     assert (ok.attributes or {})["streamer.model.start_time"] == 1.0
+    assert (ok.attributes or {})["streamer.model.batch_size"] == 1
     for span, code in ((failed, "model_failed"), (panic, "model_panic")):
         assert span.status.status_code is StatusCode.ERROR
         assert (span.attributes or {})["error.type"] == code
@@ -86,6 +112,39 @@ async def test_model_calls_get_a_span_and_a_count_each_with_their_outcome() -> N
         "streamer_media_duration_seconds_sum", {"stage": "model_inference"}
     )
     assert media == pytest.approx(0.3)
+
+
+class Batched:
+    """Takes a batch; the second item of every batch fails alone."""
+
+    max_batch_size = 8
+
+    def infer(self, audio: Samples) -> Mapping[str, Any]:
+        return {"count": len(audio)}
+
+    def infer_batch(self, audios: list[Samples]) -> list[Mapping[str, Any] | ModelError]:
+        time.sleep(0.05)
+        return [ModelError("item 2") if i == 1 else {"count": len(a)} for i, a in enumerate(audios)]
+
+
+@pytest.mark.anyio
+async def test_a_batch_is_one_observation_and_a_span_per_item() -> None:
+    exporter, metrics, observer = _observed()
+    runner = ModelRunner(Batched(), anyio.CapacityLimiter(1), observer=observer)
+    out = await _run_finals(runner, 3)
+    assert [e.to_dict().get("code") for e in out] == [None, "model_failed", None]
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 3
+    assert {(s.attributes or {})["streamer.model.batch_size"] for s in spans} == {3}
+    value = metrics.registry.get_sample_value
+    assert value("streamer_model_batches_total") == 1
+    assert value("streamer_model_batch_size_sum") == 3
+    # One real-time-factor observation for the call: its time over all its audio.
+    assert value("streamer_rtf_count", {"stage": "model_inference"}) == 1
+    assert value(
+        "streamer_media_duration_seconds_sum", {"stage": "model_inference"}
+    ) == pytest.approx(0.3)
+    assert value("streamer_model_calls_total", {"kind": "final", "outcome": "failed"}) == 1
 
 
 def test_tracing_is_off_only_when_the_sdk_is_disabled() -> None:

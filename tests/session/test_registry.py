@@ -10,6 +10,8 @@ import pytest
 from service.audio.packets import DecodePool
 from service.config import SessionConfig
 from service.errors import ErrorCode, StreamerError
+from service.model.dummy import DummyModel
+from service.model.runner import ModelRunner
 from service.observability.loop import LoopLoad
 from service.runtime import Runtime
 from service.session.observer import SessionObserver
@@ -17,6 +19,9 @@ from service.session.registry import Registry
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
+
+# Not running: the registry only reads how long utterances wait (nothing queued: zero).
+IDLE_MODEL = ModelRunner(DummyModel(), anyio.CapacityLimiter(1))
 
 
 async def test_live_forgets_ended_sessions_that_are_kept_for_replay() -> None:
@@ -28,7 +33,7 @@ async def test_live_forgets_ended_sessions_that_are_kept_for_replay() -> None:
     settings = Settings.from_env({"STREAMER_RETENTION_SECONDS": "60"})
     # Sessions that never start touch neither the VAD batcher nor the model runner.
     runtime = Runtime(
-        settings, batcher=None, models=None, observer=SessionObserver(), load=LoopLoad()
+        settings, batcher=None, models=IDLE_MODEL, observer=SessionObserver(), load=LoopLoad()
     )
     async with anyio.create_task_group() as tg:
         registry = Registry(runtime, tg)
@@ -48,7 +53,9 @@ async def test_live_forgets_ended_sessions_that_are_kept_for_replay() -> None:
 async def test_a_busy_loop_turns_new_sessions_away_unless_the_gate_is_off(limit: str) -> None:
     settings = Settings.from_env({"STREAMER_ADMIT_MAX_LOOP_BUSY": limit})
     load = LoopLoad()
-    runtime = Runtime(settings, batcher=None, models=None, observer=SessionObserver(), load=load)
+    runtime = Runtime(
+        settings, batcher=None, models=IDLE_MODEL, observer=SessionObserver(), load=load
+    )
     async with anyio.create_task_group() as tg:
         registry = Registry(runtime, tg)
         load.record(1.0, 0.5)  # exactly at the limit: still admitted
@@ -70,7 +77,7 @@ async def test_a_slow_opus_decoder_turns_new_sessions_away_when_asked_to(limit_m
     settings = Settings.from_env({"STREAMER_ADMIT_MAX_DECODE_MS": limit_ms})
     decoders = DecodePool()
     runtime = Runtime(
-        settings, batcher=None, models=None, observer=SessionObserver(), load=LoopLoad(),
+        settings, batcher=None, models=IDLE_MODEL, observer=SessionObserver(), load=LoopLoad(),
         decoders=decoders,
     )  # fmt: skip
     async with anyio.create_task_group() as tg:

@@ -47,11 +47,17 @@ class IdleModels:
     """The model stage of sessions that get no audio: it only waits for their end."""
 
     async def run_stage(
-        self, receive: MemoryObjectReceiveStream[Any], emit: Callable[[Event], Awaitable[None]]
+        self,
+        receive: MemoryObjectReceiveStream[Any],
+        emit: Callable[[Event], Awaitable[None]],
+        **options: Any,
     ) -> None:
         async with receive:
             async for _ in receive:
                 pass
+
+    def wait_s(self) -> float:
+        return 0.0
 
 
 def settings(server: RedisServer, prefix: str, **overrides: Any) -> Settings:
