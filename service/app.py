@@ -102,6 +102,8 @@ def create_app(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runtime.batcher.run)
                 tg.start_soon(runtime.models.run)
+                if settings.model_probe:
+                    await runtime.models.engine.probe()
                 tg.start_soon(runtime.load.run)
                 if runtime.decoders is not None:
                     tg.start_soon(runtime.decoders.run)

@@ -74,6 +74,15 @@ class Settings:
     # ... and while utterances waited longer than this for the model (the oldest queued one, or
     # the mean over the last 2 s; 0: never), so the sessions admitted keep their latency.
     admit_max_model_wait_ms: float = 1000.0
+    # ... and, before any utterance has waited, while the sessions would load the model past
+    # this fraction of its capacity: utterances a second per session (measured; 0.4 until
+    # then) x sessions, over threads x full batch / a full batch's time (probed at start,
+    # then measured). So a steep ramp is refused before the backlog shows. 0: never. 0.75
+    # leaves room for sessions whose utterances end together (BENCHMARKS.md: at 0.9 those
+    # admitted past a one-item-per-call model waited up to 11 s).
+    admit_max_model_load: float = 0.75
+    # Time one full batch at start (also a warm-up), for the load estimate above.
+    model_probe: bool = True
     max_session_seconds: float = 4 * 3600.0
     idle_timeout_seconds: float = 30.0
     unstarted_timeout_seconds: float = 300.0
@@ -124,6 +133,12 @@ class Settings:
 def _parse(name: str, type_: Any, raw: str) -> Any:
     t = str(type_)
     try:
+        if t.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
         if t.startswith("int"):
             return int(raw)
         if t.startswith("float"):

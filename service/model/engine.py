@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import numpy as np
 
 from service.audio.chunk import Samples
 from service.config import MODEL_SAMPLE_RATE
@@ -44,6 +45,14 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25
 # The window over which the wait of dispatched finals is averaged for admission.
 WAIT_WINDOW_S = 2.0
+# Until sessions have run long enough to measure it, a session is assumed to send this many
+# utterances a second: busy speech (speech.wav has one every 2.6 s).
+PRIOR_UTTERANCES_PER_S = 0.4
+# Session-seconds of history before the measured rate replaces the prior, and the window.
+DEMAND_MIN_SESSION_S = 60.0
+DEMAND_WINDOW_S = 30.0
+# The audio of one probe item: a typical utterance.
+PROBE_SECONDS = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,7 @@ class EngineStats:
     items: int = 0
     refused: int = 0  # finals refused or displaced by the queue bound (model_overloaded)
     superseded: int = 0  # interims dropped before they ran
+    finals: int = 0  # finals submitted
     waits: deque[tuple[float, float]] = field(default_factory=deque)  # (dispatched at, waited)
 
 
@@ -169,6 +179,14 @@ class ModelEngine:
         self.running = False
         self.stats = EngineStats()
         self._late: dict[int, tuple[Owner, float]] = {}  # owners told they are late
+        # Capacity: the time of a full batch (probed at start, then measured), and the demand
+        # per session (utterances per session-second, measured over a sliding window).
+        self.full_batch_s: float | None = None
+        self._took: dict[int, float] = {}  # id(batch) -> seconds, from the worker thread
+        self.stages = 0  # sessions whose model stage runs now
+        self._demand: deque[tuple[float, int, float]] = deque()  # (t, finals, session-seconds)
+        self._session_s = 0.0
+        self._last_tick = time.monotonic()
 
     # -- the sessions' side (event loop, never blocks) -----------------------------------------
 
@@ -177,6 +195,8 @@ class ModelEngine:
         job is marked done with ``model_overloaded``; the owner is not called back)."""
         job.seq = next(self._seq)
         job.enqueued_at = time.monotonic()
+        if job.call.is_final:
+            self.stats.finals += 1
         if not job.call.is_final:
             key = (id(job.owner), job.call.channel)
             old = self._interims.pop(key, None)
@@ -263,6 +283,52 @@ class ModelEngine:
         mean = sum(w for _, w in waits) / len(waits) if waits else 0.0
         return max(self.oldest_wait_s(now), mean)
 
+    def capacity_per_s(self) -> float | None:
+        """Utterances a second the model can take at full batches on every thread, or None
+        before that is known (:meth:`probe`)."""
+        if self.full_batch_s is None:
+            return None
+        return int(self.limiter.total_tokens) * self.max_batch / max(self.full_batch_s, 1e-3)
+
+    def demand_per_session_s(self) -> float:
+        """Utterances a second one session sends: measured once there is enough history."""
+        if len(self._demand) < 2:
+            return PRIOR_UTTERANCES_PER_S
+        (_, f0, s0), (_, f1, s1) = self._demand[0], self._demand[-1]
+        if s1 - s0 < DEMAND_MIN_SESSION_S:
+            return PRIOR_UTTERANCES_PER_S
+        return (f1 - f0) / (s1 - s0)
+
+    def load_with(self, sessions: int) -> float | None:
+        """The model's expected load (demand over capacity) with ``sessions`` sessions."""
+        capacity = self.capacity_per_s()
+        if capacity is None:
+            return None
+        return sessions * self.demand_per_session_s() / capacity
+
+    async def probe(self) -> None:
+        """Time one full batch of typical utterances (which also warms the model up), so
+        admission knows the model's capacity before the first session speaks."""
+        n = self.max_batch if self._batch_fn is not None else 1
+        audio = [np.zeros(round(PROBE_SECONDS * MODEL_SAMPLE_RATE), np.float32)] * n
+
+        def run() -> float:
+            t0 = time.monotonic()
+            if self._batch_fn is None:
+                self.model.infer(audio[0])
+            else:
+                self._batch_fn(audio)
+            return time.monotonic() - t0
+
+        try:
+            took = await anyio.to_thread.run_sync(run, limiter=self.limiter)
+        except Exception:
+            log.warning("the model failed its start-up probe; capacity unknown", exc_info=True)
+            return
+        if self.full_batch_s is None:
+            self.full_batch_s = took
+        log.info("model probe", extra={"batch": n, "seconds": round(took, 3)})
+
     # -- the dispatcher ------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -326,6 +392,11 @@ class ModelEngine:
                     job.done = True
         finally:
             self._free += 1
+            took = self._took.pop(id(batch), None)
+            if took is not None and len(batch) >= self.max_batch:
+                # A full batch: what capacity is made of (a moving average, for jitter).
+                prev = self.full_batch_s
+                self.full_batch_s = took if prev is None else 0.8 * prev + 0.2 * took
             self.stats.batches += 1
             self.stats.items += len(batch)
             for job in batch:
@@ -351,6 +422,7 @@ class ModelEngine:
         except Exception as e:
             exc, results = e, [e] * len(batch)
         took = time.monotonic() - t0
+        self._took[id(batch)] = took
         for job, result in zip(batch, results, strict=True):
             job_exc = result if isinstance(result, BaseException) else None
             if job_exc is None:
@@ -373,6 +445,12 @@ class ModelEngine:
         while True:
             await anyio.sleep(TICK_S)
             now = time.monotonic()
+            self._session_s += self.stages * (now - self._last_tick)
+            self._last_tick = now
+            demand = self._demand
+            demand.append((now, self.stats.finals, self._session_s))
+            while len(demand) > 2 and demand[1][0] < now - DEMAND_WINDOW_S:
+                demand.popleft()
             oldest: dict[int, tuple[Owner, float]] = {}
             for job in self._finals:
                 o = id(job.owner)

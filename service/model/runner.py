@@ -98,6 +98,10 @@ class ModelRunner:
         """How long utterances wait for the model now (what admission reads)."""
         return self.engine.wait_s()
 
+    def load_with(self, sessions: int) -> float | None:
+        """The model's expected load with ``sessions`` sessions (None: capacity unknown)."""
+        return self.engine.load_with(sessions)
+
     async def run_stage(
         self,
         receive: MemoryObjectReceiveStream[VadOutput],
@@ -106,7 +110,11 @@ class ModelRunner:
         one_at_a_time: bool = False,
     ) -> ModelSummary:
         stage = _Stage(self, next(self._ranks), emit)
-        return await stage.run(receive, one_at_a_time)
+        self.engine.stages += 1
+        try:
+            return await stage.run(receive, one_at_a_time)
+        finally:
+            self.engine.stages -= 1
 
 
 class _Channel:

@@ -113,12 +113,20 @@ class Registry:
                     f"its Opus decoder takes {took_ms:.0f} ms per batch, "
                     f"the limit is {most_ms:g} ms"
                 )
-        most_ms = settings.admit_max_model_wait_ms
+        models, most_ms = self.runtime.models, settings.admit_max_model_wait_ms
         if most_ms > 0:
-            wait_ms = self.runtime.models.wait_s() * 1000
+            wait_ms = models.wait_s() * 1000
             if wait_ms > most_ms:
                 return "model", _overloaded(
                     f"utterances wait {wait_ms:.0f} ms for the model, the limit is {most_ms:g} ms"
+                )
+        most_load = settings.admit_max_model_load
+        if most_load > 0:
+            load = models.load_with(self.live + 1)
+            if load is not None and load > most_load:
+                return "model", _overloaded(
+                    f"one more session would load the model to {load:.0%} of its capacity, "
+                    f"the limit is {most_load:.0%}"
                 )
         return None
 

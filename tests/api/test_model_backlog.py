@@ -39,6 +39,8 @@ def blocked(tmp_path: Path, gate: Path) -> Iterator[Server]:
             "STREAMER_MODEL_LATE_MS": "300",
             # Room for one of speech.wav's utterances waiting (each is 1.3-2.3 s), not two.
             "STREAMER_MODEL_QUEUE_MAX_SECONDS": "3",
+            # The start-up probe would wait for the gate; the load gate has its own test.
+            "STREAMER_MODEL_PROBE": "false",
         },
     )
     yield s
@@ -108,7 +110,7 @@ async def test_a_blocked_model_never_stalls_the_audio_path_and_sheds_new_session
     assert len(outcomes) == len(inactive) == 12
     assert [end for _, end in outcomes] == [e["time"] for e in inactive]
     lagging = [e.data["seconds"] for e in events if e.event == "lagging"]
-    assert lagging[0] > 0.3 and lagging[-1] == 0
+    assert lagging[0] >= 0.3 and lagging[-1] == 0  # rounded to 0.1 s
     assert 'streamer_sessions_refused_total{cause="model"}' in metrics
     refused_line = next(
         x
@@ -122,3 +124,40 @@ async def test_a_blocked_model_never_stalls_the_audio_path_and_sheds_new_session
         if x.startswith('streamer_model_dropped_calls_total{reason="overloaded"}')
     )
     assert float(dropped.split()[-1]) == len(overloaded)
+
+
+async def test_a_slow_model_refuses_sessions_it_could_not_serve_before_any_backlog(
+    tmp_path: Path,
+) -> None:
+    """The load gate: one thread, one utterance per call, ~0.35 s each (probed at start):
+    ~2.9 utterances a second, so at the assumed 0.4 per session and 75% the model serves 5
+    sessions. The 6th is refused before any audio has arrived (a steep ramp would otherwise
+    be admitted whole before the first utterance queues), and admitted once one ends."""
+    model = {"delay": 0.2, "constant_factor": 0.1, "jitter": 0.0, "max_batch_size": 1}
+    server = start_server(
+        tmp_path,
+        env={"STREAMER_MODEL_OPTIONS": json.dumps(model), "STREAMER_MODEL_THREADS": "1"},
+    )
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            with anyio.fail_after(30):
+                ids = []
+                while (r := await client.post("/v1/sessions")).status_code == 201:
+                    ids.append(r.json()["id"])
+                    assert len(ids) < 50, "the load gate never refused"
+                assert_clean_error(r, 503, "server_overloaded")
+                assert "capacity" in r.json()["error"]["message"]
+                assert len(ids) == 5
+                await client.delete(f"/v1/sessions/{ids[0]}")
+                while (await client.get("/readyz")).json()["sessions"] >= 5:
+                    await anyio.sleep(0.05)
+                assert (await client.post("/v1/sessions")).status_code == 201
+                metrics = (await client.get("/metrics")).text
+        line = next(
+            x
+            for x in metrics.splitlines()
+            if x.startswith('streamer_sessions_refused_total{cause="model"}')
+        )
+        assert float(line.split()[-1]) == 1
+    finally:
+        stop_server(server)

@@ -315,7 +315,7 @@ async def test_a_late_session_is_told_and_told_again_when_it_catches_up() -> Non
 
     out = await run_sessions(runner, [utterances(2, 3)], during=release)
     lagging = [e.to_dict()["seconds"] for e in out[0] if e.type == "lagging"]
-    assert lagging[0] > 0.3
+    assert lagging[0] >= 0.3  # rounded to 0.1 s
     assert lagging[-1] == 0
     assert sum(1 for e in out[0] if e.type == "segment") == 3
 

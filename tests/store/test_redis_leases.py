@@ -59,6 +59,9 @@ class IdleModels:
     def wait_s(self) -> float:
         return 0.0
 
+    def load_with(self, sessions: int) -> None:
+        return None
+
 
 def settings(server: RedisServer, prefix: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
