@@ -110,6 +110,10 @@ async def _refuse(websocket: WebSocket, error: StreamerError) -> None:
     await websocket.send_denial_response(JSONResponse(body, status, headers=headers))
 
 
+def _is_channel(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class Listener:
     """One ``/v1/listen`` connection: a receiver feeding the session and a sender following its
     log, in one task group."""
@@ -202,8 +206,9 @@ class Listener:
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "KeepAlive":
             return  # the receive itself reset the idle timer
-        if kind == "Finalize":
-            self.session.finalize(self.translator.finalized)
+        channel = message.get("channel") if isinstance(message, dict) else None
+        if kind == "Finalize" and (channel is None or _is_channel(channel)):
+            self.session.finalize(self.translator.finalized, channel)
             return
         if kind == "CloseStream":
             self._close_stream()
@@ -211,7 +216,8 @@ class Listener:
         await self.session.emit(
             Error(
                 ErrorCode.INVALID_MESSAGE.value,
-                'a text message must be {"type": "KeepAlive" | "Finalize" | "CloseStream"}; '
+                'a text message must be {"type": "KeepAlive" | "Finalize" | "CloseStream"} '
+                '(Finalize may name a "channel": 0, 1, ...); '
                 f"got {text[:200]!r}",
             )
         )

@@ -215,11 +215,11 @@ class Session:
             await self.emit(Error(error.code.value, error.message))
         self.close_input(reason)
 
-    def finalize(self, done: FlushDone) -> None:
-        """End every open utterance once the audio written so far has been segmented, without
-        waiting for silence (Deepgram's ``Finalize``); ``done`` is told where each channel's
-        ended (None: none was open). Raw PCM is placed exactly; with a container, the audio
-        still inside the decoder (tens of ms) goes to what follows."""
+    def finalize(self, done: FlushDone, channel: int | None = None) -> None:
+        """End every open utterance (or only ``channel``'s) once the audio written so far has
+        been segmented, without waiting for silence (Deepgram's ``Finalize``); ``done`` is told
+        where each channel's ended (None: none was open). Raw PCM is placed exactly; with a
+        container, the audio still inside the decoder (tens of ms) goes to what follows."""
         vad = self._vad
         if vad is None:  # simple mode, or no pipeline yet: nothing is segmented
             done(())
@@ -229,7 +229,7 @@ class Session:
             at = self.counters.bytes_in // fmt.frame_bytes * MODEL_SAMPLE_RATE // fmt.sample_rate
         else:
             at = self.counters.samples
-        vad.request_flush(at, done)
+        vad.request_flush(at, done, channel)
 
     def cancel(self, reason: EndReason = EndReason.CANCELLED) -> None:
         """Stop now, dropping work in flight (DELETE, or shutdown past its grace period)."""

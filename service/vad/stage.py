@@ -112,8 +112,8 @@ class VadStage:
         self._error: BaseException | None = None
         self._changed: anyio.Event | None = None
         self._closed = False
-        # Flushes asked for (request_flush) and not yet due, in order: (position, done).
-        self._flushes: deque[tuple[int, FlushDone]] = deque()
+        # Flushes asked for (request_flush) and not yet due, in order.
+        self._flushes: deque[_Flush] = deque()
         self._finishing = False  # past the last flush: open utterances end with the input
         self.frames_run = 0
 
@@ -174,7 +174,7 @@ class VadStage:
                 while self._outbox or self._queued or self._in_flight is not None:
                     await self._advance()
             while self._flushes:  # due now: every sample has been run
-                self._flush(self._flushes.popleft()[1], self._received_at)
+                self._flush(self._flushes.popleft(), self._received_at)
             self._finishing = True
             while self._outbox:
                 await self._out.send(self._outbox.popleft())
@@ -182,16 +182,16 @@ class VadStage:
                 for output in c.segmenter.finish(self._received_at):
                     await self._out.send(output)
 
-    def request_flush(self, at: int, done: FlushDone) -> None:
-        """End every channel's open utterance once the audio up to sample ``at`` has been
-        segmented (a client's ``Finalize``), rather than waiting for the speaker's silence;
-        ``done`` is told where each ended. The partial frame the stage carries (under 32 ms)
-        goes to what follows. After the end of input, ``done`` is told at once: nothing is
-        open any more."""
+    def request_flush(self, at: int, done: FlushDone, channel: int | None = None) -> None:
+        """End every channel's open utterance (or only ``channel``'s) once the audio up to
+        sample ``at`` has been segmented (a client's ``Finalize``), rather than waiting for the
+        speaker's silence; ``done`` is told where each ended. The partial frame the stage
+        carries (under 32 ms) goes to what follows. After the end of input, ``done`` is told at
+        once: nothing is open any more."""
         if self._finishing or (not self._channels and at <= FLUSH_SLACK):
             done(tuple(None for _ in self._channels))  # nothing is open, or can be
             return
-        self._flushes.append((at, done))
+        self._flushes.append(_Flush(at, done, channel))
         self._flush_due(self._received_at)
 
     def summary(self) -> VadSummary:
@@ -300,19 +300,20 @@ class VadStage:
         # Run so far, plus what waits for a whole frame: the audio before the next whole frame.
         first = self._channels[0]
         reached = first.segmenter.position + len(first.carry) + FLUSH_SLACK
-        while self._flushes and reached >= self._flushes[0][0]:
-            self._flush(self._flushes.popleft()[1], received_at)
+        while self._flushes and reached >= self._flushes[0].at:
+            self._flush(self._flushes.popleft(), received_at)
 
-    def _flush(self, done: FlushDone, received_at: float) -> None:
+    def _flush(self, flush: _Flush, received_at: float) -> None:
         ends: list[int | None] = []
         for c in self._channels:
             end = None
-            for output in c.segmenter.flush(received_at):
-                if isinstance(output, SpeechEnded):
-                    end = output.end
-                self._emit(output)
+            if flush.channel is None or flush.channel == c.segmenter.channel:
+                for output in c.segmenter.flush(received_at):
+                    if isinstance(output, SpeechEnded):
+                        end = output.end
+                    self._emit(output)
             ends.append(end)
-        done(tuple(ends))
+        flush.done(tuple(ends))
 
     def _segment_one(self, frames: _Frames, probs: Floats) -> None:
         """One channel's frames, with the runs that produce nothing taken at once
@@ -363,6 +364,13 @@ class VadStage:
                 self._out_closed = True  # the session is being torn down
                 return
         self._outbox.append(output)
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    at: int  # due once the audio up to here is segmented
+    done: FlushDone
+    channel: int | None  # None: every channel
 
 
 class _Frames:

@@ -261,3 +261,31 @@ async def test_the_other_websocket_routes_still_refuse_with_403(locked: Server) 
         async with connect(url, additional_headers={"Authorization": "Token nope"}):
             pass
     assert refused.value.response.status_code == 403
+
+
+async def test_finalize_of_one_channel(server: Server) -> None:
+    """The same speech on both channels; Finalize names channel 1 half way through the first
+    sentence: only that channel's utterance ends there."""
+    mono = np.frombuffer(PCM, dtype="<i2")
+    stereo = np.stack([mono, mono], axis=1).astype("<i2").tobytes()
+    query = "encoding=linear16&sample_rate=16000&channels=2&multichannel=true"
+    with anyio.fail_after(60):
+        async with connect(ws_url(server, query)) as ws:
+            for piece in pieces(stereo[: 4 * 16000], 6400):  # 1.0 s
+                await ws.send(piece)
+            await ws.send(json.dumps({"type": "Finalize", "channel": 1}))
+            await ws.send(json.dumps({"type": "Finalize", "channel": "one"}))
+            for piece in pieces(stereo[4 * 16000 :], 6400):
+                await ws.send(piece)
+            await ws.send(CLOSE)
+            messages = await read_until_closed(ws)
+    flushed = [r for r in of_type(messages, "Results") if r["from_finalize"]]
+    assert [r["channel_index"] for r in flushed] == [[1, 2]]
+    assert 1.0 - 0.033 <= flushed[0]["start"] + flushed[0]["duration"] <= 1.0
+    first = {
+        tuple(r["channel_index"]): r
+        for r in reversed(of_type(messages, "Results"))
+        if r["is_final"] and r["start"] < 0.5
+    }
+    assert first[(0, 2)]["duration"] > 1.3  # channel 0's sentence ran to its end
+    assert [e["variant"] for e in of_type(messages, "Error")] == ["invalid_message"]

@@ -481,3 +481,21 @@ async def test_a_flush_already_due_is_done_at_once() -> None:
         await stage.aclose()
     async with receive:
         assert boundaries([o async for o in receive]) == [(0, 30 * FRAME)]
+
+
+@pytest.mark.anyio
+async def test_a_flush_of_one_channel_leaves_the_others_speaking() -> None:
+    batcher = ScriptedBatcher(lambda _stream, t: 0.9 if t >= 10 else 0.1)
+    send, receive = anyio.create_memory_object_stream[VadOutput](100)
+    stage = VadStage(send, batcher=batcher, params=VadParams(), interim_interval_s=None)
+    told: list[tuple[int | None, ...]] = []
+    with anyio.fail_after(10):
+        await stage.send(AudioChunk(np.zeros((2, 30 * FRAME), np.float32), 0, 1.0))
+        stage.request_flush(30 * FRAME, told.append, channel=1)
+        await stage.send(AudioChunk(np.zeros((2, 10 * FRAME), np.float32), 30 * FRAME, 2.0))
+        await stage.aclose()
+    assert told == [(None, 30 * FRAME)]
+    async with receive:
+        outputs = [o async for o in receive]
+    assert boundaries(outputs, 0) == [(0, 40 * FRAME)]
+    assert boundaries(outputs, 1) == [(0, 30 * FRAME), (30 * FRAME, 40 * FRAME)]
