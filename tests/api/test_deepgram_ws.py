@@ -8,6 +8,7 @@ import json
 import warnings
 import wave
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -289,3 +290,25 @@ async def test_finalize_of_one_channel(server: Server) -> None:
     }
     assert first[(0, 2)]["duration"] > 1.3  # channel 0's sentence ran to its end
     assert [e["variant"] for e in of_type(messages, "Error")] == ["invalid_message"]
+
+
+async def test_shutdown_sends_the_results_and_metadata_then_closes_1001(tmp_path: Path) -> None:
+    server = start_server(tmp_path, env={"STREAMER_SHUTDOWN_GRACE_SECONDS": "3"})
+    try:
+        with anyio.fail_after(30):
+            async with connect(ws_url(server, RAW16)) as ws:
+                for piece in pieces(PCM):
+                    await ws.send(piece)
+                first = json.loads(await ws.recv())  # SpeechStarted is off: a Results
+                session = first["metadata"]["request_id"]
+                async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+                    # Every byte in before the signal, so every result is owed.
+                    while (await http.get(f"/v1/sessions/{session}")).json()["bytes"] < len(PCM):
+                        await anyio.sleep(0.02)
+                server.process.terminate()
+                messages = [first, *await read_until_closed(ws)]
+                assert ws.close_code == 1001
+    finally:
+        stop_server(server)
+    assert len([r for r in of_type(messages, "Results") if r["is_final"]]) == 3
+    assert messages[-1]["type"] == "Metadata"
