@@ -40,6 +40,11 @@ SKIP_MIN_FRAMES = 1
 # back a few samples, which must not leave a flush waiting for the client's next audio.
 FLUSH_SLACK = 64
 
+# Flushes waiting for their audio, at most; past this a new one is merged into the last (it is
+# due later, and does the earlier one's work too): a client's Finalize messages while the
+# pipeline lags cannot pile up.
+MAX_PENDING_FLUSHES = 8
+
 # Told, per channel, where a flush ended its open utterance (None: none was open).
 FlushDone = Callable[[tuple[int | None, ...]], None]
 
@@ -191,7 +196,12 @@ class VadStage:
         if self._finishing or (not self._channels and at <= FLUSH_SLACK):
             done(tuple(None for _ in self._channels))  # nothing is open, or can be
             return
-        self._flushes.append(_Flush(at, done, channel))
+        last = self._flushes[-1] if self._flushes else None
+        if last is not None and len(self._flushes) >= MAX_PENDING_FLUSHES and last.done == done:
+            merged = channel if last.channel == channel else None
+            self._flushes[-1] = _Flush(max(at, last.at), done, merged)
+        else:
+            self._flushes.append(_Flush(at, done, channel))
         self._flush_due(self._received_at)
 
     def summary(self) -> VadSummary:

@@ -499,3 +499,28 @@ async def test_a_flush_of_one_channel_leaves_the_others_speaking() -> None:
         outputs = [o async for o in receive]
     assert boundaries(outputs, 0) == [(0, 40 * FRAME)]
     assert boundaries(outputs, 1) == [(0, 30 * FRAME), (30 * FRAME, 40 * FRAME)]
+
+
+@pytest.mark.anyio
+async def test_flushes_waiting_for_their_audio_are_bounded() -> None:
+    """A client sending Finalize after Finalize while the pipeline lags: past eight waiting,
+    each new one is merged into the last, which is due later and does its work too."""
+    batcher = ScriptedBatcher(lambda _stream, t: 0.9 if t >= 10 else 0.1)
+    send, receive = anyio.create_memory_object_stream[VadOutput](100)
+    stage = VadStage(send, batcher=batcher, params=VadParams(), interim_interval_s=None)
+    told: list[tuple[int | None, ...]] = []
+    with anyio.fail_after(10):
+        await stage.send(AudioChunk(np.zeros((1, 20 * FRAME), np.float32), 0, 1.0))
+        for k in range(100):  # none due yet: audio up to frame 30 + k has not arrived
+            stage.request_flush((30 + k) * FRAME, told.append)
+        assert len(stage._flushes) == 8 and stage._flushes[-1].at == 129 * FRAME
+        for t in range(20, 150):
+            await stage.send(AudioChunk(np.zeros((1, FRAME), np.float32), t * FRAME, 2.0))
+        await stage.aclose()
+    assert len(told) == 8
+    assert told[0] == (30 * FRAME,) and told[-1] == (129 * FRAME,)  # the merged one
+    async with receive:
+        outputs = [o async for o in receive]
+    spans = boundaries(outputs)
+    assert spans[0] == (0, 30 * FRAME) and spans[-1] == (129 * FRAME, 150 * FRAME)
+    assert spans[-2][1] == 129 * FRAME  # the merged flush ended the utterance it was due in
