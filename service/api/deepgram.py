@@ -131,6 +131,7 @@ class Listener:
         self._sha256 = hashlib.sha256()
         self.closing = False  # the input has ended: what the client sends now is ignored
         self.gone = False  # nothing can be sent any more
+        self.dropped = False  # ... because a send to it blocked past the send timeout
         self._tg: TaskGroup | None = None
 
     async def run(self) -> None:
@@ -143,6 +144,8 @@ class Listener:
             # However the connection ends, the session may not wait for input that will never
             # come; after CloseStream this changes nothing.
             self.session.close_input(EndReason.CLIENT_DISCONNECTED)
+        if self.dropped:
+            await self._close_dropped()
 
     @property
     def channels(self) -> int:
@@ -172,8 +175,11 @@ class Listener:
                 )
                 continue
             if message["type"] == "websocket.disconnect":
+                self.dropped = False  # it left: nothing more to wait for
                 self._client_gone()
                 return
+            if self.gone:
+                return  # dropped by the sender: take nothing more in
             if self.closing:
                 continue
             data: bytes | None = message.get("bytes")
@@ -231,6 +237,21 @@ class Listener:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
 
+    async def _close_dropped(self) -> None:
+        """After dropping a client that stopped reading (as ``websocket.py`` does): queue a
+        close frame, which it gets if it ever reads again, and discard what it still sends
+        until it leaves or stays silent for the idle timeout; returning at once would leave the
+        connection open, its messages unread, until the server stops."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.ws.close, POLICY_VIOLATION, "not_reading")
+            idle = self.settings.idle_timeout_seconds
+            while True:
+                with anyio.move_on_after(idle) as scope:
+                    message = await self.ws.receive()
+                if scope.cancelled_caught or message["type"] == "websocket.disconnect":
+                    break
+            tg.cancel_scope.cancel()
+
     # -- sending -------------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
@@ -271,6 +292,7 @@ class Listener:
                 self._client_gone()
         if scope.cancelled_caught:
             log.warning("deepgram client stopped reading; dropping the connection")
+            self.dropped = True
             self._client_gone()
 
 

@@ -5,6 +5,7 @@ encodings converted on the way in, containers, and a client that leaves."""
 from __future__ import annotations
 
 import json
+import socket
 import warnings
 import wave
 from collections.abc import Iterator, Sequence
@@ -312,3 +313,60 @@ async def test_shutdown_sends_the_results_and_metadata_then_closes_1001(tmp_path
         stop_server(server)
     assert len([r for r in of_type(messages, "Results") if r["is_final"]]) == 3
     assert messages[-1]["type"] == "Metadata"
+
+
+# A client that stops reading, as in test_websocket.py: a socket with a 4 KiB receive buffer
+# and a library that stops reading once one message waits, so the server's sends really block.
+
+SEND_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def slow_reader_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(
+        tmp_path_factory.mktemp("listen-slow-reader"),
+        env={"STREAMER_SSE_SEND_TIMEOUT_SECONDS": str(SEND_TIMEOUT)},
+    )
+    yield s
+    stop_server(s)
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_session_ends(
+    slow_reader_server: Server,
+) -> None:
+    server = slow_reader_server
+    junk = "x" * 190  # each answered with an Error of ~400 bytes that quotes it
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    n = (wmem_max + 2 * 1024 * 1024) // 400 + 1
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        with anyio.fail_after(60):
+            ws = await connect(
+                ws_url(server, RAW16),
+                sock=sock,
+                max_queue=1,
+                compression=None,
+                ping_interval=None,
+                close_timeout=2,
+            )
+            try:
+                for piece in pieces(PCM):
+                    await ws.send(piece)
+                first = json.loads(await ws.recv())  # a Results: it names the session
+                session = first["metadata"]["request_id"]
+                for _ in range(n):
+                    await ws.send(junk)
+                while (await http.get(f"/v1/sessions/{session}")).json()["state"] != "ended":
+                    await anyio.sleep(0.05)
+                status = (await http.get(f"/v1/sessions/{session}")).json()
+                assert status["end_reason"] == "client_disconnected"
+                rest = await read_until_closed(ws)  # reading again: what was on its way
+                assert ws.close_code == 1008 and ws.close_reason == "not_reading"
+            finally:
+                ws.transport.abort()
+    # Dropped, not only slow: it got what was already on its way, never the Metadata.
+    assert 0 < len(rest) < n and {m["type"] for m in rest} <= {"Results", "Error"}
+    assert "deepgram client stopped reading" in server.log()
