@@ -16,7 +16,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
-from service.api import health, sessions, sse, upload, web, websocket
+from service.api import deepgram, health, sessions, sse, upload, web, websocket
 from service.api.responses import http_error_handler, internal_error_handler, streamer_error_handler
 from service.api.security import ApiKeyMiddleware
 from service.audio import opus
@@ -130,6 +130,7 @@ def create_app(
         WebSocketRoute("/v1/ws", websocket.v1_ws),
         WebSocketRoute("/api/v1/segmented", websocket.seed_segmented),
         WebSocketRoute("/api/v1/simple", websocket.seed_simple),
+        WebSocketRoute(deepgram.LISTEN_PATH, deepgram.listen),  # Deepgram's live protocol
         *web.routes(),  # last: the page at "/" must never shadow an API route
     ]
     middleware = [Middleware(ApiKeyMiddleware, api_key=settings.api_key)]

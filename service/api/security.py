@@ -1,8 +1,12 @@
 """Optional API key for the API routes.
 
-``Authorization: Bearer <key>`` for clients that can set headers; ``?token=<key>`` for those that
-cannot (a browser's ``EventSource`` and ``WebSocket``). Compared in constant time. Health checks,
-metrics and the static page stay open: the page must load before a person can type a key.
+``Authorization: Bearer <key>`` (or ``Token <key>``, as Deepgram's clients send it) for clients
+that can set headers; ``?token=<key>`` or the WebSocket subprotocols ``token, <key>`` (Deepgram's
+browser clients) for those that cannot. Compared in constant time. Health checks, metrics and
+the static page stay open: the page must load before a person can type a key.
+
+A refused WebSocket handshake is answered 403 (closed before accept), except on Deepgram's
+``/v1/listen``, which answers 401 as Deepgram does: its clients report exactly that.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from service.errors import ErrorCode
 from service.events.encode import to_json
 
 PROTECTED_PREFIXES = ("/v1/", "/api/v1/")
+# WebSocket routes whose refused handshake is an HTTP 401 (the denial response extension).
+HTTP_401_WEBSOCKETS = ("/v1/listen",)
+_SCHEMES = (b"bearer ", b"token ")
 
 
 class ApiKeyMiddleware:
@@ -35,10 +42,14 @@ class ApiKeyMiddleware:
         if self._authorised(scope):
             await self.app(scope, receive, send)
             return
-        if scope["type"] == "websocket":
+        if scope["type"] == "websocket" and not (
+            scope["path"] in HTTP_401_WEBSOCKETS
+            and "websocket.http.response" in scope.get("extensions", {})
+        ):
             # Closing before accept makes the server answer the handshake with 403.
             await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
             return
+        prefix = "websocket." if scope["type"] == "websocket" else ""
         body = to_json(
             {
                 "error": {
@@ -49,7 +60,7 @@ class ApiKeyMiddleware:
         ).encode()
         await send(
             {
-                "type": "http.response.start",
+                "type": f"{prefix}http.response.start",
                 "status": 401,
                 "headers": [
                     (b"content-type", b"application/json"),
@@ -58,15 +69,20 @@ class ApiKeyMiddleware:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": f"{prefix}http.response.body", "body": body})
 
     def _authorised(self, scope: Scope) -> bool:
         assert self.key is not None
         presented = b""
         for name, value in scope.get("headers", []):
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                presented = value[7:].strip()
-                break
+            if name == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() + b" " in _SCHEMES:
+                    presented = credentials.strip()
+                    break
+        subprotocols = scope.get("subprotocols") or []
+        if not presented and len(subprotocols) == 2 and subprotocols[0] == "token":
+            presented = subprotocols[1].encode()
         if not presented:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             presented = (query.get("token") or [""])[0].encode("latin-1")

@@ -28,7 +28,7 @@ from service.events.log import EventLog
 from service.events.types import End, Error, Event, Segment
 from service.model.simple import simple_stage
 from service.vad.speech import VadOutput
-from service.vad.stage import VadStage
+from service.vad.stage import FlushDone, VadStage
 
 if TYPE_CHECKING:
     from service.runtime import Runtime
@@ -119,6 +119,7 @@ class Session:
         self._sending = False  # a write is waiting for room in the pipeline's input
         # Decoded audio and decoding work not yet reported to the observer (see _decoded).
         self._unreported = (0, 0.0)
+        self._vad: VadStage | None = None  # segmented mode, once the pipeline runs
 
     # -- ingest side ---------------------------------------------------------------------------
 
@@ -214,6 +215,22 @@ class Session:
             await self.emit(Error(error.code.value, error.message))
         self.close_input(reason)
 
+    def finalize(self, done: FlushDone, channel: int | None = None) -> None:
+        """End every open utterance (or only ``channel``'s) once the audio written so far has
+        been segmented, without waiting for silence (Deepgram's ``Finalize``); ``done`` is told
+        where each channel's ended (None: none was open). Raw PCM is placed exactly; with a
+        container, the audio still inside the decoder (tens of ms) goes to what follows."""
+        vad = self._vad
+        if vad is None:  # simple mode, or no pipeline yet: nothing is segmented
+            done(())
+            return
+        fmt = self.config.format
+        if fmt is not None:
+            at = self.counters.bytes_in // fmt.frame_bytes * MODEL_SAMPLE_RATE // fmt.sample_rate
+        else:
+            at = self.counters.samples
+        vad.request_flush(at, done, channel)
+
     def cancel(self, reason: EndReason = EndReason.CANCELLED) -> None:
         """Stop now, dropping work in flight (DELETE, or shutdown past its grace period)."""
         if self._cancel_reason is None:
@@ -255,12 +272,13 @@ class Session:
 
     def _vad_stage(self, send: MemoryObjectSendStream[VadOutput]) -> VadStage:
         interval = self.config.interim_interval_ms / 1000 if self.config.interim_results else None
-        return VadStage(
+        self._vad = VadStage(
             send,
             batcher=self.runtime.batcher,
             params=self.config.vad,
             interim_interval_s=interval,
         )
+        return self._vad
 
     async def _decode(self, receive: MemoryObjectReceiveStream[bytes], sink: ChunkSink) -> None:
         observer = self.runtime.observer

@@ -295,6 +295,16 @@ class Segmenter:
         self._in_speech = False
         return out
 
+    def flush(self, received_at: float) -> list[VadOutput]:
+        """End the open confirmed utterance at the audio seen so far, now (a client's
+        ``Finalize``), and go on: the next frames may start a new utterance, which begins no
+        earlier than this end. An unconfirmed candidate stays open (it is not speech yet)."""
+        out: list[VadOutput] = []
+        if self.speaking:
+            self._close(self._position, received_at, out)
+            self._trim()
+        return out
+
     def _close(self, end: int, received_at: float, out: list[VadOutput]) -> None:
         audio = self._audio.copy(self._start, end)
         out.append(SpeechEnded(self.channel, self._utterance, end, received_at))

@@ -17,6 +17,7 @@ go in the next batch together, and the decoder waits (backpressure) only when mo
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -28,12 +29,24 @@ from service.config import MODEL_SAMPLE_RATE, VadParams
 from service.vad.batcher import VadBatcher
 from service.vad.segmenter import Segmenter
 from service.vad.silero import FRAME, Floats, VadStream
-from service.vad.speech import SpeechAudio, SpeechStarted, VadOutput
+from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
 
 # Runs of at least this many frames go to Segmenter.skip at once rather than frame by frame.
 # Even one frame: skip counts a live chunk's few frames in plain Python and appends its audio
 # in one copy, where push costs a list, two window updates and the checks per frame.
 SKIP_MIN_FRAMES = 1
+# A flush (request_flush) is due once the stage has run the audio up to its position, less the
+# partial frame it carries and less this much: the resampler of a rate other than 16 kHz holds
+# back a few samples, which must not leave a flush waiting for the client's next audio.
+FLUSH_SLACK = 64
+
+# Flushes waiting for their audio, at most; past this a new one is merged into the last (it is
+# due later, and does the earlier one's work too): a client's Finalize messages while the
+# pipeline lags cannot pile up.
+MAX_PENDING_FLUSHES = 8
+
+# Told, per channel, where a flush ended its open utterance (None: none was open).
+FlushDone = Callable[[tuple[int | None, ...]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +117,9 @@ class VadStage:
         self._error: BaseException | None = None
         self._changed: anyio.Event | None = None
         self._closed = False
+        # Flushes asked for (request_flush) and not yet due, in order.
+        self._flushes: deque[_Flush] = deque()
+        self._finishing = False  # past the last flush: open utterances end with the input
         self.frames_run = 0
 
     async def __aenter__(self) -> VadStage:
@@ -162,9 +178,31 @@ class VadStage:
                 self._queue(_Frames(tails, self._received_at, valid))
                 while self._outbox or self._queued or self._in_flight is not None:
                     await self._advance()
+            while self._flushes:  # due now: every sample has been run
+                self._flush(self._flushes.popleft(), self._received_at)
+            self._finishing = True
+            while self._outbox:
+                await self._out.send(self._outbox.popleft())
             for c in channels:
                 for output in c.segmenter.finish(self._received_at):
                     await self._out.send(output)
+
+    def request_flush(self, at: int, done: FlushDone, channel: int | None = None) -> None:
+        """End every channel's open utterance (or only ``channel``'s) once the audio up to
+        sample ``at`` has been segmented (a client's ``Finalize``), rather than waiting for the
+        speaker's silence; ``done`` is told where each ended. The partial frame the stage
+        carries (under 32 ms) goes to what follows. After the end of input, ``done`` is told at
+        once: nothing is open any more."""
+        if self._finishing or (not self._channels and at <= FLUSH_SLACK):
+            done(tuple(None for _ in self._channels))  # nothing is open, or can be
+            return
+        last = self._flushes[-1] if self._flushes else None
+        if last is not None and len(self._flushes) >= MAX_PENDING_FLUSHES and last.done == done:
+            merged = channel if last.channel == channel else None
+            self._flushes[-1] = _Flush(max(at, last.at), done, merged)
+        else:
+            self._flushes.append(_Flush(at, done, channel))
+        self._flush_due(self._received_at)
 
     def summary(self) -> VadSummary:
         return VadSummary(
@@ -263,6 +301,29 @@ class VadStage:
                         self._push(c, f[t], float(p[offset + t]), at, frames.valid)
             offset += k
             self.frames_run += k * len(self._channels)
+            if self._flushes:
+                self._flush_due(at)
+
+    def _flush_due(self, received_at: float) -> None:
+        if not self._channels:
+            return
+        # Run so far, plus what waits for a whole frame: the audio before the next whole frame.
+        first = self._channels[0]
+        reached = first.segmenter.position + len(first.carry) + FLUSH_SLACK
+        while self._flushes and reached >= self._flushes[0].at:
+            self._flush(self._flushes.popleft(), received_at)
+
+    def _flush(self, flush: _Flush, received_at: float) -> None:
+        ends: list[int | None] = []
+        for c in self._channels:
+            end = None
+            if flush.channel is None or flush.channel == c.segmenter.channel:
+                for output in c.segmenter.flush(received_at):
+                    if isinstance(output, SpeechEnded):
+                        end = output.end
+                    self._emit(output)
+            ends.append(end)
+        flush.done(tuple(ends))
 
     def _segment_one(self, frames: _Frames, probs: Floats) -> None:
         """One channel's frames, with the runs that produce nothing taken at once
@@ -313,6 +374,13 @@ class VadStage:
                 self._out_closed = True  # the session is being torn down
                 return
         self._outbox.append(output)
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    at: int  # due once the audio up to here is segmented
+    done: FlushDone
+    channel: int | None  # None: every channel
 
 
 class _Frames:

@@ -265,3 +265,38 @@ def test_invariants_on_random_probabilities(
         assert a.end <= b.start
     assert seg.utterances == len(finals)
     assert seg.speech_samples == sum(f.end - f.start for f in finals)
+
+
+def test_flush_ends_the_open_utterance_here_and_the_next_starts_no_earlier() -> None:
+    """Deepgram's Finalize: the utterance ends at the audio seen so far, without waiting for
+    redemption; speech that goes on opens a new utterance from that very sample."""
+    seg = Segmenter(DEFAULT)
+    out: list[tuple[int, VadOutput]] = []
+    probs = [N] * 30 + [S] * 20 + [S] * 20
+    for i, p in enumerate(probs[:50]):
+        out += [(i, o) for o in seg.push(coded(i * FRAME, (i + 1) * FRAME), p, float(i))]
+    out += [(50, o) for o in seg.flush(50.0)]
+    assert seg.flush(50.0) == []  # nothing open any more
+    for i, p in enumerate(probs[50:], start=50):
+        out += [(i, o) for o in seg.push(coded(i * FRAME, (i + 1) * FRAME), p, float(i))]
+    out += [(70, o) for o in seg.finish(70.0)]
+    rows = summary(out)
+    check_protocol([o for _, o in out])
+    assert rows[1:3] == [
+        (50, "end", 0, 50 * FRAME),
+        (50, "final", 0, 30 * FRAME - 9600, 50 * FRAME),
+    ]
+    # The next utterance starts at the flush, not a pre-speech pad before it.
+    assert rows[3][:4] == (53, "start", 1, 50 * FRAME)
+    assert rows[-1] == (70, "final", 1, 50 * FRAME, 70 * FRAME)
+
+
+def test_flush_leaves_an_unconfirmed_candidate_and_silence_alone() -> None:
+    seg = Segmenter(DEFAULT)
+    for i in range(10):
+        seg.push(coded(i * FRAME, (i + 1) * FRAME), N, 0.0)
+    assert seg.flush(0.0) == []
+    seg.push(coded(10 * FRAME, 11 * FRAME), S, 0.0)  # a candidate, shorter than min_speech
+    assert seg.flush(0.0) == []
+    out = [o for i in range(11, 20) for o in seg.push(coded(i * FRAME, (i + 1) * FRAME), S, 0.0)]
+    assert [type(o).__name__ for o in out] == ["SpeechStarted"]  # it went on to be confirmed

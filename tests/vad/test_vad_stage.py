@@ -435,3 +435,92 @@ def test_skipping_runs_of_frames_changes_no_output(
     # Both ways of counting a skip: numpy for every run, and Python for every run.
     assert _as_rows(run(1, few_frames=0)) == pushed
     assert _as_rows(run(1, few_frames=10**9)) == pushed
+
+
+@pytest.mark.anyio
+async def test_a_flush_ends_open_utterances_where_the_audio_so_far_ends() -> None:
+    """Finalize: requested at a position the stage has not reached yet, it is done once the
+    audio up to there is segmented; the partial frame carried goes to what follows; channels
+    with nothing open report None; after the end of input it is answered at once."""
+    batcher = ScriptedBatcher(lambda stream, t: 0.9 if stream == 0 and t >= 10 else 0.1)
+    send, receive = anyio.create_memory_object_stream[VadOutput](100)
+    stage = VadStage(send, batcher=batcher, params=VadParams(), interim_interval_s=None)
+    audio = np.zeros((2, 60 * FRAME + 100), np.float32)
+    told: list[tuple[int | None, ...]] = []
+    with anyio.fail_after(10):
+        await stage.send(AudioChunk(audio[:, : 20 * FRAME], 0, 1.0))
+        stage.request_flush(40 * FRAME + 100, told.append)
+        assert told == []  # that audio has not arrived yet
+        await stage.send(AudioChunk(audio[:, 20 * FRAME : 40 * FRAME + 100], 20 * FRAME, 2.0))
+        assert told == [(40 * FRAME, None)]  # the 100 carried samples were not run yet
+        await stage.send(AudioChunk(audio[:, 40 * FRAME + 100 :], 40 * FRAME + 100, 3.0))
+        await stage.aclose()
+        stage.request_flush(0, told.append)
+    assert told[1] == (None, None)
+    async with receive:
+        outputs = [o async for o in receive]
+    check_protocol(outputs)
+    # The pre-speech pad reaches back to the first sample.
+    assert boundaries(outputs) == [(0, 40 * FRAME), (40 * FRAME, 60 * FRAME + 100)]
+    assert finals(outputs)[0].received_at == 2.0
+    assert boundaries(outputs, 1) == []
+
+
+@pytest.mark.anyio
+async def test_a_flush_already_due_is_done_at_once() -> None:
+    batcher = ScriptedBatcher(lambda _stream, t: 0.9 if t >= 10 else 0.1)
+    send, receive = anyio.create_memory_object_stream[VadOutput](100)
+    stage = VadStage(send, batcher=batcher, params=VadParams(), interim_interval_s=None)
+    told: list[tuple[int | None, ...]] = []
+    with anyio.fail_after(10):
+        stage.request_flush(0, told.append)  # no audio yet: nothing to end
+        await stage.send(AudioChunk(np.zeros((1, 30 * FRAME), np.float32), 0, 1.0))
+        assert told == [()]  # no channel yet
+        stage.request_flush(30 * FRAME, told.append)
+        assert told[1] == (30 * FRAME,)
+        await stage.aclose()
+    async with receive:
+        assert boundaries([o async for o in receive]) == [(0, 30 * FRAME)]
+
+
+@pytest.mark.anyio
+async def test_a_flush_of_one_channel_leaves_the_others_speaking() -> None:
+    batcher = ScriptedBatcher(lambda _stream, t: 0.9 if t >= 10 else 0.1)
+    send, receive = anyio.create_memory_object_stream[VadOutput](100)
+    stage = VadStage(send, batcher=batcher, params=VadParams(), interim_interval_s=None)
+    told: list[tuple[int | None, ...]] = []
+    with anyio.fail_after(10):
+        await stage.send(AudioChunk(np.zeros((2, 30 * FRAME), np.float32), 0, 1.0))
+        stage.request_flush(30 * FRAME, told.append, channel=1)
+        await stage.send(AudioChunk(np.zeros((2, 10 * FRAME), np.float32), 30 * FRAME, 2.0))
+        await stage.aclose()
+    assert told == [(None, 30 * FRAME)]
+    async with receive:
+        outputs = [o async for o in receive]
+    assert boundaries(outputs, 0) == [(0, 40 * FRAME)]
+    assert boundaries(outputs, 1) == [(0, 30 * FRAME), (30 * FRAME, 40 * FRAME)]
+
+
+@pytest.mark.anyio
+async def test_flushes_waiting_for_their_audio_are_bounded() -> None:
+    """A client sending Finalize after Finalize while the pipeline lags: past eight waiting,
+    each new one is merged into the last, which is due later and does its work too."""
+    batcher = ScriptedBatcher(lambda _stream, t: 0.9 if t >= 10 else 0.1)
+    send, receive = anyio.create_memory_object_stream[VadOutput](100)
+    stage = VadStage(send, batcher=batcher, params=VadParams(), interim_interval_s=None)
+    told: list[tuple[int | None, ...]] = []
+    with anyio.fail_after(10):
+        await stage.send(AudioChunk(np.zeros((1, 20 * FRAME), np.float32), 0, 1.0))
+        for k in range(100):  # none due yet: audio up to frame 30 + k has not arrived
+            stage.request_flush((30 + k) * FRAME, told.append)
+        assert len(stage._flushes) == 8 and stage._flushes[-1].at == 129 * FRAME
+        for t in range(20, 150):
+            await stage.send(AudioChunk(np.zeros((1, FRAME), np.float32), t * FRAME, 2.0))
+        await stage.aclose()
+    assert len(told) == 8
+    assert told[0] == (30 * FRAME,) and told[-1] == (129 * FRAME,)  # the merged one
+    async with receive:
+        outputs = [o async for o in receive]
+    spans = boundaries(outputs)
+    assert spans[0] == (0, 30 * FRAME) and spans[-1] == (129 * FRAME, 150 * FRAME)
+    assert spans[-2][1] == 129 * FRAME  # the merged flush ended the utterance it was due in
