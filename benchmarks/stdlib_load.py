@@ -194,7 +194,7 @@ def main() -> None:
     p.add_argument("--gap-ms", type=float, default=10.0)
     p.add_argument("--duration", type=float, default=20.0)
     args = p.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sys.exit(asyncio.run(main_async(args)))
 
