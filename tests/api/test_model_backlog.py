@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
+import numpy as np
 import pytest
 
 from tests.api.test_bad_input import assert_clean_error
 from tests.api.test_websocket import MONO16, read_until_closed, speech_pcm, ws_connect
 from tests.conftest import Server, start_server, stop_server
-from tests.sse_client import SseEvent, iter_sse
+from tests.sse_client import SseEvent, iter_sse, read_all
 
 pytestmark = pytest.mark.anyio
 
@@ -161,3 +163,52 @@ async def test_a_slow_model_refuses_sessions_it_could_not_serve_before_any_backl
         assert float(line.split()[-1]) == 1
     finally:
         stop_server(server)
+
+
+async def _finals_of_concurrent_uploads(server: Server, n: int) -> list[list[dict[str, Any]]]:
+    """``n`` sessions uploading speech.wav at once; each session's final segments."""
+    pcm = speech_pcm()
+    out: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+
+        async def one(i: int) -> None:
+            created = (await client.post("/v1/sessions", json={"format": MONO16})).json()
+            # A different gain per session: every session's audio, so its checksums, differ.
+            samples = np.frombuffer(pcm, np.int16).astype(np.float32) * (0.5 + 0.1 * i)
+            body = np.clip(samples, -32768, 32767).astype(np.int16).tobytes()
+            r = await client.put(created["audio_url"], content=body)
+            assert r.status_code == 200, r.text
+            events = await read_all(client, created["events_url"])
+            out[i] = [e.data for e in events if e.event == "segment" and e.data["is_final"]]
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(one, i)
+    return out
+
+
+async def test_batched_results_equal_unbatched_on_a_real_server(tmp_path: Path) -> None:
+    env = {
+        "STREAMER_MODEL": "tests.model.checksum:create",
+        "STREAMER_MODEL_OPTIONS": json.dumps({"delay": 0.1}),
+        "STREAMER_MODEL_THREADS": "1",
+        "STREAMER_MODEL_BATCH_WAIT_MS": "20",
+    }
+    results = {}
+    for name, batch_max in (("batched", "64"), ("unbatched", "1")):
+        (tmp_path / name).mkdir()
+        server = start_server(tmp_path / name, env={**env, "STREAMER_MODEL_BATCH_MAX": batch_max})
+        try:
+            results[name] = await _finals_of_concurrent_uploads(server, 6)
+        finally:
+            stop_server(server)
+
+    def without_batch(finals: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+        return [[{k: v for k, v in f.items() if k != "batch"} for f in s] for s in finals]
+
+    assert without_batch(results["batched"]) == without_batch(results["unbatched"])
+    assert all(len(s) == 3 for s in results["batched"])  # speech.wav: three utterances each
+    assert len({f["checksum"] for s in results["batched"] for f in s}) == 18
+    assert max(f["batch"] for s in results["batched"] for f in s) > 1
+    assert {f["batch"] for s in results["unbatched"] for f in s} == {1}
