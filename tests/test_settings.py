@@ -55,3 +55,10 @@ def test_process_configuration_sets_switch_interval_and_gc() -> None:
         "assert gc.get_threshold()[0] == 12345  # 0 leaves the threshold alone\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_bools_read_as_people_write_them() -> None:
+    for raw, value in (("false", False), ("0", False), ("off", False), ("True", True), ("1", True)):
+        assert Settings.from_env({"STREAMER_MODEL_PROBE": raw}).model_probe is value
+    with pytest.raises(ValueError, match="STREAMER_MODEL_PROBE"):
+        Settings.from_env({"STREAMER_MODEL_PROBE": "maybe"})

@@ -359,3 +359,31 @@ async def test_an_interim_dropped_for_its_final_does_not_hold_the_session_open()
     segments = [e for e in dicts(out[1]) if e["type"] == "segment"]
     assert [s["is_final"] for s in segments] == [True, True]
     assert runner.engine.stats.superseded >= 1
+
+
+async def test_capacity_comes_from_a_probe_then_from_full_batches() -> None:
+    model = SumModel(max_batch_size=4, sleep_s=0.1)
+    engine = ModelEngine(model, anyio.CapacityLimiter(2), batch_wait_s=0.05)
+    assert engine.load_with(10) is None  # unknown before the probe: the load gate stays open
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            await engine.probe()
+            assert model.batches == [[24000] * 4]  # one full batch of 1.5 s utterances
+            assert engine.full_batch_s is not None and 0.1 <= engine.full_batch_s < 0.5
+            # 2 threads x 4 per batch / ~0.1 s: ~80 utterances a second; 0.4 per session.
+            capacity = engine.capacity_per_s()
+            assert capacity is not None and 16 < capacity <= 80
+            load = engine.load_with(100)
+            assert load == pytest.approx(100 * 0.4 / capacity)
+            # A full batch that took longer moves the estimate (a moving average).
+            model.sleep_s = 0.4
+            before = engine.full_batch_s
+            owner = _Owner(0)
+            for i in range(4):
+                engine.submit(job(owner, i * 100, 100))
+            while engine.stats.batches < 1:
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.05)
+            assert engine.full_batch_s > before
+            tg.cancel_scope.cancel()
