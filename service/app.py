@@ -25,8 +25,10 @@ from service.errors import StreamerError
 from service.model.base import load_model
 from service.model.runner import ModelRunner
 from service.observability import Observability
+from service.observability.loop import SAMPLE_S as LOOP_SAMPLE_S
 from service.observability.loop import LoopLoad
 from service.runtime import Runtime
+from service.session.admission import AdmissionPacer
 from service.session.observer import SessionObserver
 from service.session.registry import Registry
 from service.settings import Settings
@@ -68,6 +70,9 @@ def create_app(
             functools.partial(load_session, graph=settings.vad_graph)
         )
         model = await anyio.to_thread.run_sync(load_model, settings.model, settings.model_options)
+        pacer = AdmissionPacer(
+            settings.admit_pace_loop_busy, settings.admit_wait_seconds, LOOP_SAMPLE_S
+        )
         runtime = Runtime(
             settings=settings,
             batcher=VadBatcher(
@@ -87,11 +92,13 @@ def create_app(
                 observer=observability.model_observer,
             ),
             observer=observability.session_observer,
-            load=LoopLoad(on_lag=observability.metrics.loop_lag.observe),
+            load=LoopLoad(on_lag=observability.metrics.loop_lag.observe, on_sample=pacer.sampled),
+            pacer=pacer,
             decoders=_decode_pool(settings),
         )
         observability.start(runtime.models.engine)
         observability.metrics.watch_loop(runtime.load)
+        observability.metrics.watch_pacer(pacer)
         if runtime.decoders is not None:
             observability.metrics.watch_decoder(runtime.decoders.turnaround)
         # sse-starlette only detects uvicorn's shutdown; under hypercorn we set this ourselves.

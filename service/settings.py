@@ -66,6 +66,12 @@ class Settings:
     # admitted streams' p99 lag under 250 ms here, but refuses part of a burst of new sessions
     # that the server could then hold (BENCHMARKS.md, service/observability/loop.py).
     admit_max_loop_busy: float = 0.95
+    # Before that: while the loop was busier than this over its last 0.3 s, a new session waits
+    # its turn (up to admit_wait_seconds, then 503) and each 0.1 s lets in what the loop's
+    # headroom pays for, so a burst of sessions is spread out instead of swamping the streams
+    # already running (service/session/admission.py). 0 or 1: off.
+    admit_pace_loop_busy: float = 0.8
+    admit_wait_seconds: float = 10.0
     # The same for webm/Ogg Opus, whose limit is the decoder, not the loop: new sessions get
     # server_overloaded while its batches took longer than this on average over the last 2 s
     # (0: never). Off by default: 30-40 ms separated 350 held streams from 400 not held here,

@@ -262,10 +262,14 @@ class _Stage:
 
     async def _emit_interim(self, job: Job, at: float) -> None:
         ch = self.channels[job.call.channel]
-        # Stale: its final is out (an interim starts where its utterance starts, so one of a
-        # closed utterance starts at or before the last final), or a newer interim is. One
-        # done while its final is still pending goes out: it comes before that final.
-        if job.call.start <= ch.last_final_start or job.call.end <= ch.last_interim_end:
+        # Stale: a final of the channel is pending (it supersedes this, and comes next), or
+        # out (an interim starts where its utterance starts, so one of a closed utterance
+        # starts at or before the last final), or a newer interim is.
+        if (
+            ch.finals_pending > 0
+            or job.call.start <= ch.last_final_start
+            or job.call.end <= ch.last_interim_end
+        ):
             self.summary.interims_skipped += 1
             return
         ch.last_interim_end = job.call.end

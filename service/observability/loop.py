@@ -33,6 +33,8 @@ import anyio
 # opens again soon after the load goes (BENCHMARKS.md).
 SAMPLE_S = 0.1
 WINDOW_S = 2.0
+# Samples in ``recent_busy``: what admission pacing reacts to, within a few tenths of a second.
+RECENT = 3
 
 
 class _TimedSelector(selectors.DefaultSelector):
@@ -73,9 +75,12 @@ class LoopLoad:
         interval_s: float = SAMPLE_S,
         window_s: float = WINDOW_S,
         on_lag: Callable[[float], None] | None = None,
+        on_sample: Callable[[float], None] | None = None,
     ) -> None:
         self.interval_s = interval_s
         self._on_lag = on_lag
+        # Told each sample how busy the loop was over the last RECENT samples (admission pacing).
+        self.on_sample = on_sample
         # (wall seconds, busy seconds) of the last samples; ``busy`` is their ratio.
         self._samples: collections.deque[tuple[float, float]] = collections.deque(
             maxlen=max(1, round(window_s / interval_s))
@@ -83,6 +88,13 @@ class LoopLoad:
         self._wall = 0.0
         self._busy = 0.0
         self.measured = "not started"  # how busy is measured: "idle time" or "thread CPU"
+
+    @property
+    def recent_busy(self) -> float:
+        """Fraction of the last ``RECENT`` samples the loop was busy."""
+        recent = list(self._samples)[-RECENT:]
+        wall = sum(w for w, _ in recent)
+        return sum(b for _, b in recent) / wall if wall > 0 else 0.0
 
     @property
     def busy(self) -> float:
@@ -113,6 +125,8 @@ class LoopLoad:
                 on_lag(max(0.0, now - asked - interval))
             self.record(now - t0, b1 - b0)
             t0, b0 = now, b1
+            if self.on_sample is not None:
+                self.on_sample(self.recent_busy)
 
 
 def _busy_clock(loop: asyncio.AbstractEventLoop) -> tuple[str, Callable[[], float]]:

@@ -37,6 +37,7 @@ from service.errors import ErrorCode, StreamerError
 from service.events.types import Error, Event, Segment
 from service.model.engine import CallTrace, ModelCall, ModelEngine, ModelObserver
 from service.observability.loop import SAMPLE_S, WINDOW_S, LoopLoad
+from service.session.admission import AdmissionPacer
 from service.session.observer import SessionObserver
 from service.session.session import EndReason
 from service.vad.silero import FRAME
@@ -216,6 +217,13 @@ class Metrics:
             registry=r,
         )
         self._engine: ModelEngine | None = None
+        self._pacer: AdmissionPacer | None = None
+        Gauge(
+            "streamer_sessions_waiting",
+            "New sessions waiting their turn while the event loop is busy "
+            "(STREAMER_ADMIT_PACE_LOOP_BUSY)",
+            registry=r,
+        ).set_function(lambda: self._pacer.waiting if self._pacer else 0)
         depth = Gauge(
             "streamer_model_queue_depth",
             "Model calls queued in the engine, not yet running, by kind (final/interim)",
@@ -318,6 +326,10 @@ class Metrics:
     def watch_model_limiter(self, limiter: anyio.CapacityLimiter) -> None:
         """Expose the model threads' capacity in use (read at scrape time)."""
         self._model_limiter = limiter
+
+    def watch_pacer(self, pacer: AdmissionPacer) -> None:
+        """Expose how many new sessions wait their turn (read at scrape time)."""
+        self._pacer = pacer
 
     def watch_engine(self, engine: ModelEngine) -> None:
         """Expose the model engine's queue (read at scrape time)."""

@@ -131,8 +131,17 @@ class Registry:
         return None
 
     async def create(self, config: SessionConfig) -> str:
-        """A new session, waiting for its audio; returns its id."""
+        """A new session, waiting for its audio; returns its id. While the event loop is busy
+        it may first wait its turn (service/session/admission.py)."""
         self._check_capacity()
+        pacer = self.runtime.pacer
+        if pacer.enabled and not await pacer.wait():
+            self.runtime.observer.session_refused("event_loop")
+            raise _overloaded(
+                f"its event loop stayed over {pacer.pace:.0%} busy for the "
+                f"{pacer.max_wait_s:g} s this session waited"
+            )
+        self._check_capacity()  # again: things may have changed while it waited
         session_id = new_session_id()
         if self.store.shared:
             # No pipeline yet: whichever worker receives the audio will run it.

@@ -62,10 +62,12 @@ def client(server: Server, api_key: str | None = KEY, **kwargs: Any) -> AsyncDee
     return AsyncDeepgramClient(api_key=api_key, environment=env, **kwargs)
 
 
-async def send_audio(conn: AsyncV1SocketClient, pcm: bytes, frame: int = FRAME_BYTES) -> None:
+async def send_audio(
+    conn: AsyncV1SocketClient, pcm: bytes, frame: int = FRAME_BYTES, pause_s: float = 0.002
+) -> None:
     for i in range(0, len(pcm), frame):
         await conn.send_media(pcm[i : i + frame])
-        await asyncio.sleep(0.002)  # faster than real time, but as a stream of frames
+        await asyncio.sleep(pause_s)  # faster than real time, but as a stream of frames
 
 
 async def collect(conn: AsyncV1SocketClient) -> list[Any]:
@@ -90,7 +92,9 @@ async def speech_messages(dg_server: Server) -> list[Any]:
             language="en",
         ) as conn:
             reader = asyncio.ensure_future(collect(conn))
-            await send_audio(conn, pcm)
+            # 4x real time: much faster, and an utterance's final follows its interims within
+            # milliseconds and supersedes them (finals first), so there would be none to see.
+            await send_audio(conn, pcm, pause_s=0.025)
             await conn.send_close_stream()
             messages = await reader
     return messages
@@ -116,7 +120,9 @@ async def test_results_interim_and_final_with_the_model_text(speech_messages: li
         if not r.is_final:
             owner = next(f for f in final if f.start == r.start)
             assert results.index(r) < results.index(owner)
-            assert r.duration < owner.duration
+            # The utterance so far: an interim taken while the VAD waits out its 600 ms of
+            # silence may run past where the final, trimmed to the speech, ends.
+            assert r.duration < owner.duration + 0.61
 
 
 async def test_speech_started_and_utterance_end_frame_each_utterance(
