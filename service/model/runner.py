@@ -21,6 +21,7 @@ from service.audio.chunk import Samples
 from service.errors import ErrorCode
 from service.events.types import Active, Error, Event, Inactive, Segment, seconds
 from service.model.base import Model, ModelError
+from service.model.output import to_session_time
 from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
 
 Emit = Callable[[Event, float | None], Awaitable[None]]
@@ -194,4 +195,4 @@ class ModelRunner:
                 start,
                 end,
             )
-        return Segment(item.channel, start, end, item.is_final, output)
+        return Segment(item.channel, start, end, item.is_final, to_session_time(output, start))
