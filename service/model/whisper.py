@@ -63,8 +63,10 @@ class Whisper:
         beam_size: int,
         word_timestamps: bool,
         max_batch_size: int,
+        temperature: float | list[float],
     ) -> None:
         self._model = model
+        self.temperature = temperature
         self.language = language
         self.beam_size = beam_size
         self.word_timestamps = word_timestamps
@@ -85,6 +87,7 @@ class Whisper:
             vad_filter=False,
             condition_on_previous_text=False,
             without_timestamps=False,
+            temperature=self.temperature,
         )
         # ``segments`` is a generator: the decoding happens while it is consumed.
         found = [_Shifted(segment, 0.0) for segment in segments]
@@ -137,6 +140,7 @@ class Whisper:
             vad_filter=False,
             clip_timestamps=clips,
             batch_size=len(audios),
+            temperature=self.temperature,  # the batched path only ever uses the first
         )
         per_audio: list[list[Any]] = [[] for _ in audios]
         frames_per_window = WINDOW_SECONDS * self._model.frames_per_second
@@ -217,6 +221,7 @@ def create(
     num_workers: int = 2,
     max_batch_size: int = 8,
     word_timestamps: bool = True,
+    temperature: float | list[float] = 0.0,
 ) -> Whisper:
     """Load Whisper once, for ``STREAMER_MODEL=service.model.whisper:create``.
 
@@ -229,6 +234,10 @@ def create(
       ``num_workers`` at ``STREAMER_MODEL_THREADS`` lets every model thread decode at once.
     - ``max_batch_size``: utterances per ``infer_batch`` call.
     - ``word_timestamps``: word times and probabilities (costs an alignment pass).
+    - ``temperature``: 0.0 decodes once. A list (Whisper's default is [0.0, 0.2, ..., 1.0])
+      decodes again at each next temperature while the text looks unlikely or repetitive:
+      measured here, that made a hard utterance cost 4x (1.9 s instead of 0.45) and changed no
+      word error, and a model whose cost per call jumps is what makes a live stream fall behind.
     """
     # Before faster-whisper imports huggingface_hub, which reads it once: from here on nothing in
     # this process may fetch weights. A deployment that wants downloads sets it to 0 itself.
@@ -271,4 +280,5 @@ def create(
         beam_size=beam_size,
         word_timestamps=word_timestamps,
         max_batch_size=max_batch_size,
+        temperature=temperature,
     )
