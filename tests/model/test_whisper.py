@@ -122,7 +122,8 @@ def test_infer_batch_splits_by_max_batch_size_and_handles_long_audio() -> None:
 
 
 def test_loads_by_configuration_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "unset below")  # so that teardown restores the original
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     model = load_model("service.model.whisper:create", {"beam_size": 1, "cpu_threads": 1})
     assert isinstance(model, Model)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
