@@ -25,7 +25,7 @@ class Settings:
     certfile: str | None = None
     keyfile: str | None = None
 
-    # The model: any "module:factory"; options are the factory's keyword arguments. None by
+    # The model: any "module:factory"; options are the factory's keyword arguments. Empty by
     # default: each factory has its own defaults (the dummy's: delay 0.5, constant_factor 0.3,
     # jitter 0.2), so that STREAMER_MODEL alone switches models without another model's options.
     model: str = "service.model.dummy:create"
