@@ -25,11 +25,11 @@ class Settings:
     certfile: str | None = None
     keyfile: str | None = None
 
-    # The model: any "module:factory"; options are the factory's keyword arguments.
+    # The model: any "module:factory"; options are the factory's keyword arguments. Empty by
+    # default: each factory has its own defaults (the dummy's: delay 0.5, constant_factor 0.3,
+    # jitter 0.2), so that STREAMER_MODEL alone switches models without another model's options.
     model: str = "service.model.dummy:create"
-    model_options: Mapping[str, Any] = field(
-        default_factory=lambda: {"delay": 0.5, "constant_factor": 0.3, "jitter": 0.2}
-    )
+    model_options: Mapping[str, Any] = field(default_factory=dict)
     model_threads: int = field(default_factory=_default_model_threads)
     # The model engine (service/model/engine.py): calls from every session are queued in one
     # place and, for a model with infer_batch, run up to this many per call (also capped by

@@ -8,6 +8,8 @@ const TICK_STEPS_S = [0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600];
 const TICK_MIN_PX = 56;
 // Fields of a segment event that are framing, not model output.
 const FRAMING = new Set(["type", "start_time", "end_time", "is_final", "channel"]);
+// Shown as text rather than as fields when a segment has text.
+const TEXT_DETAILS = new Set(["text", "words", "language"]);
 
 export function formatTime(s) {
   if (s < 60) return `${Number(s.toFixed(s < 10 ? 2 : 1))} s`;
@@ -23,13 +25,27 @@ function el(tag, className, text) {
   return node;
 }
 
+/** A model with text (Whisper): its words are the output; its word list and language are
+ * details for the tooltip. */
+function hasText(segment) {
+  return typeof segment.text === "string";
+}
+
 function outputText(segment) {
   const parts = [];
+  if (hasText(segment)) parts.push(segment.text || "…");
   for (const [key, value] of Object.entries(segment)) {
-    if (FRAMING.has(key)) continue;
+    if (FRAMING.has(key) || (hasText(segment) && TEXT_DETAILS.has(key))) continue;
     parts.push(`${key}: ${typeof value === "object" ? JSON.stringify(value) : value}`);
   }
   return parts.join(" · ");
+}
+
+function wordsTitle(segment) {
+  if (!Array.isArray(segment.words) || !segment.words.length) return "";
+  return segment.words
+    .map((w) => `${formatTime(w.start)} ${w.word}${typeof w.probability === "number" ? ` (${w.probability.toFixed(2)})` : ""}`)
+    .join("\n");
 }
 
 class Lane {
@@ -158,7 +174,12 @@ export class Timeline {
     };
     item.el.dataset.final = String(d.is_final);
     item.el.title = `${formatTime(d.start_time)} – ${formatTime(d.end_time)}\n${outputText(d)}`;
-    item.el.append(el("span", "bar-label", formatTime(d.end_time - d.start_time)));
+    if (hasText(d)) {
+      item.el.classList.add("has-text");
+      item.el.append(el("span", "bar-label", d.text || "…"));
+    } else {
+      item.el.append(el("span", "bar-label", formatTime(d.end_time - d.start_time)));
+    }
     (d.is_final ? lane.finals : lane.interims).push(item);
     lane.track.append(item.el);
     this.#placeRow(item.row, d);
@@ -175,6 +196,11 @@ export class Timeline {
     const tag = el("span", "result-tag", d.is_final ? "final" : "interim");
     const chan = el("span", "result-channel", `ch ${d.channel}`);
     const out = el("span", "result-output", outputText(d));
+    if (hasText(d)) {
+      out.classList.add("text");
+      out.title = wordsTitle(d);
+      if (d.language) row.dataset.language = d.language;
+    }
     row.append(chan, time, length, tag, out);
     return row;
   }

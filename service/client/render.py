@@ -5,6 +5,7 @@ Readable lines, one per event::
     active 0.37s ch0
     inactive 1.82s ch0
       0.37s- 1.82s  ch0  final  count=23232
+      0.37s- 1.82s  ch0  final  Hello, how are you?        (a model with text)
     error model_failed: unexpected inference failure  1.20s- 2.31s ch0
     end completed  7.52s audio  3 segments  0 errors  wav/pcm_s16le
 """
@@ -20,6 +21,7 @@ from typing import Any, TextIO
 from service.client.pacing import Timing
 
 _SEGMENT_KEYS = {"type", "start_time", "end_time", "is_final", "channel"}
+_TEXT_KEYS = {"text", "words", "language"}
 PROGRESS_MIN_SECONDS = 10.0  # shown by default from this much audio (paced) ...
 PROGRESS_MIN_BYTES = 2 * 1024 * 1024  # ... or this big a file
 PROGRESS_INTERVAL_S = 0.1
@@ -40,13 +42,19 @@ def format_event(event: Mapping[str, Any]) -> str:
         if kind in ("active", "inactive"):
             return f"{kind} {event['time']:.2f}s{_channel(event)}"
         if kind == "segment":
+            text = event.get("text")
+            # A model with text (Whisper): the text is the line; its words and language are in
+            # --json. Anything else the model returns is shown as key=value, as for the dummy.
+            hidden = _SEGMENT_KEYS | _TEXT_KEYS if isinstance(text, str) else _SEGMENT_KEYS
             extra = "  ".join(
                 f"{k}={json.dumps(v, ensure_ascii=False)}"
                 for k, v in event.items()
-                if k not in _SEGMENT_KEYS
+                if k not in hidden
             )
             state = "final" if event.get("is_final") else "interim"
             line = f"{_span(event)}  ch{event.get('channel')}  {state}"
+            if isinstance(text, str):
+                line = f"{line}  {text}" if text else f"{line}  (no words)"
             return f"{line}  {extra}" if extra else line
         if kind == "error":
             line = f"error {event['code']}: {event['message']}"

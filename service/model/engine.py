@@ -310,7 +310,11 @@ class ModelEngine:
         """Time one full batch of typical utterances (which also warms the model up), so
         admission knows the model's capacity before the first session speaks."""
         n = self.max_batch if self._batch_fn is not None else 1
-        audio = [np.zeros(round(PROBE_SECONDS * MODEL_SAMPLE_RATE), np.float32)] * n
+        # Noise, not silence: a model that skips silent audio (Whisper does) would answer
+        # silence in no time and its capacity would look endless.
+        rng = np.random.default_rng(0)
+        samples = round(PROBE_SECONDS * MODEL_SAMPLE_RATE)
+        audio = [(0.1 * rng.standard_normal(samples)).astype(np.float32) for _ in range(n)]
 
         def run() -> float:
             t0 = time.monotonic()

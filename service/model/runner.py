@@ -35,6 +35,7 @@ from service.audio.source import Doorbell
 from service.events.types import Active, Error, Event, Inactive, Lagging, Segment, seconds
 from service.model.base import Model
 from service.model.engine import Job, ModelCall, ModelEngine, ModelObserver
+from service.model.output import to_session_time
 from service.vad.speech import SpeechAudio, SpeechEnded, SpeechStarted, VadOutput
 
 __all__ = ["ModelCall", "ModelObserver", "ModelRunner", "ModelSummary"]
@@ -306,4 +307,5 @@ class _Stage:
             self.summary.finals += 1
         else:
             self.summary.interims += 1
-        return Segment(call.channel, start, end, call.is_final, job.output)
+        # Word times come relative to the utterance's audio; events carry session time.
+        return Segment(call.channel, start, end, call.is_final, to_session_time(job.output, start))

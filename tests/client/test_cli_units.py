@@ -131,6 +131,24 @@ def test_readable_lines() -> None:
     assert format_event({**late, "seconds": 0}) == "lagging 0s: results on time again"
 
 
+def test_a_segment_with_text_prints_the_text() -> None:
+    seg = {
+        "type": "segment",
+        "start_time": 5.26,
+        "end_time": 7.52,
+        "is_final": True,
+        "text": "Please call me tomorrow.",
+        "words": [{"word": "Please", "start": 5.26, "end": 5.86, "probability": 0.78}],
+        "language": "en",
+        "channel": 0,
+    }
+    assert format_event(seg) == "  5.26s- 7.52s  ch0  final  Please call me tomorrow."
+    # Other fields a model returns alongside its text stay visible; an empty text says so.
+    assert format_event({**seg, "text": "", "words": [], "speaker": 2}) == (
+        "  5.26s- 7.52s  ch0  final  (no words)  speaker=2"
+    )
+
+
 def test_progress_line() -> None:
     bar = ProgressBar(io.StringIO(), 1000, None)
     bar.update(500)

@@ -385,3 +385,64 @@ def test_api_key_from_settings(page: Any, tmp_path: Path) -> None:
         assert_one_final_per_utterance(page_results(page))
     finally:
         stop_server(server)
+
+
+# ---------------------------------------------------------------- with a real model
+
+WATCH_RESULTS_JS = """() => {
+    // Every row the list ever shows, in order, with its text when it appeared: interim rows
+    // are replaced, so the end state alone cannot tell that text came while speaking.
+    window.shown = [];
+    new MutationObserver((changes) => {
+        for (const change of changes) for (const row of change.addedNodes) {
+            window.shown.push({
+                final: row.dataset.final === 'true',
+                start: Number(row.dataset.start),
+                text: row.querySelector('.result-output').textContent,
+            });
+        }
+    }).observe(document.getElementById('results'), {childList: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def whisper_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pytest.importorskip(
+        "faster_whisper", reason="the whisper extra is not installed (uv sync --extra whisper)"
+    )
+    s = start_server(
+        tmp_path_factory.mktemp("whisper"),
+        env={"STREAMER_MODEL": "service.model.whisper:create", "STREAMER_MODEL_OPTIONS": "{}"},
+        timeout=60,
+    )
+    yield s
+    stop_server(s)
+
+
+def test_whisper_text_shows_while_a_file_streams(page: Any, whisper_server: Server) -> None:
+    """A file streamed at its own pace with interim results: the words show up while each
+    utterance is spoken (interim rows, replaced in place), then the final text on the timeline
+    and in the segment list."""
+    open_page(page, whisper_server)
+    page.check("input[name=interim_results]")
+    assert page.is_checked("#realtime")
+    page.evaluate(WATCH_RESULTS_JS)
+    page.set_input_files("#file", str(DATA / "speech.wav"))
+    wait_finals(page, 2)
+    screenshot(page, "whisper")
+    wait_state(page, "ended")
+    result = page_results(page)
+    assert_one_final_per_utterance(result)
+    texts = page.locator('#results .result[data-final="true"] .result-output').all_inner_texts()
+    assert "hello" in texts[0].lower() and "tomorrow" in texts[2].lower(), texts
+    bars = page.locator('#timeline .bar.segment[data-final="true"] .bar-label').all_inner_texts()
+    assert bars == texts
+    assert page.get_attribute('#results .result[data-final="true"]', "data-language") == "en"
+    shown: list[dict[str, Any]] = page.evaluate("() => window.shown")
+    final_index = {row["start"]: i for i, row in enumerate(shown) if row["final"]}
+    early = [
+        row
+        for i, row in enumerate(shown)
+        if not row["final"] and row["text"] not in ("", "…") and i < final_index[row["start"]]
+    ]
+    assert early, shown
