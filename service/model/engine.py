@@ -203,6 +203,7 @@ class ModelEngine:
             if old is not None:
                 self._unqueue_samples(old)
                 self._supersede(old)
+                old.owner.job_done(old)
             if self.queued_samples + job.samples > self.max_queued_samples:
                 self._supersede(job)
                 return False
@@ -216,6 +217,7 @@ class ModelEngine:
                 _, old = self._interims.popitem()
                 self._unqueue_samples(old)
                 self._supersede(old)
+                old.owner.job_done(old)  # its session no longer waits for it
                 continue
             if self._finals and self._finals[-1].key() > (job.owner.rank, job.seq):
                 victim = self._finals.pop()

@@ -387,3 +387,39 @@ async def test_capacity_comes_from_a_probe_then_from_full_batches() -> None:
             await anyio.sleep(0.05)
             assert engine.full_batch_s > before
             tg.cancel_scope.cancel()
+
+
+async def test_an_interim_pushed_out_of_a_full_queue_does_not_hold_its_session_open() -> None:
+    """Regression: a queued interim dropped to make room for another session's final was
+    marked done without telling its session, which waited for it forever."""
+    model = SumModel(max_batch_size=1)
+    model.gate.clear()
+    # Room for ~0.15 s of queued audio: one interim, or one final, not both.
+    runner = ModelRunner(model, anyio.CapacityLimiter(1), batch_wait_s=0, max_queued_s=0.15)
+    blocker = [SpeechAudio(0, 0, 0, 100, np.ones(100, np.float32), True, 0.0)]
+    audio = np.ones(2000, np.float32)
+    talker = [
+        SpeechStarted(0, 0, 0, 0.0),
+        SpeechAudio(0, 0, 0, 2000, audio, False, 0.0),  # an interim, queued behind the blocker
+    ]
+
+    async def other_final(out: list[list[Event]]) -> None:
+        await anyio.sleep(0.2)
+        assert runner.engine.queued_interims == 1
+        # Another session's final needs the room: interims go first.
+        send, receive = anyio.create_memory_object_stream[VadOutput](1)
+        send.send_nowait(SpeechAudio(0, 1, 200, 2200, audio, True, 0.0))
+        send.close()
+        sink: list[Event] = []
+
+        async def emit(event: Event, received_at: float | None) -> None:
+            sink.append(event)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run_stage, receive, emit)
+            await anyio.sleep(0.1)
+            assert runner.engine.queued_interims == 0
+            model.gate.set()
+
+    out = await run_sessions(runner, [blocker, talker], during=other_final, limit_s=10)
+    assert [e.type for e in out[1]] == ["active"]  # ended, with its interim dropped
