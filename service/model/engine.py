@@ -309,31 +309,40 @@ class ModelEngine:
         return sessions * self.demand_per_session_s() / capacity
 
     async def probe(self) -> None:
-        """Time one full batch of typical utterances (which also warms the model up), so
-        admission knows the model's capacity before the first session speaks."""
+        """Time a full batch of typical utterances on every thread at once (which also warms
+        the model up), so admission knows the model's capacity before the first session
+        speaks. All threads at once: a model that shares the CPU between them (Whisper on a
+        CPU) is timed as it will run, and the mean of several calls evens out jitter."""
         n = self.max_batch if self._batch_fn is not None else 1
         # Noise, not silence: a model that skips silent audio (Whisper does) would answer
         # silence in no time and its capacity would look endless.
         rng = np.random.default_rng(0)
         samples = round(PROBE_SECONDS * MODEL_SAMPLE_RATE)
         audio = [(0.1 * rng.standard_normal(samples)).astype(np.float32) for _ in range(n)]
+        times: list[float] = []
 
-        def run() -> float:
+        def run() -> None:
             t0 = time.monotonic()
             if self._batch_fn is None:
                 self.model.infer(audio[0])
             else:
                 self._batch_fn(audio)
-            return time.monotonic() - t0
+            times.append(time.monotonic() - t0)
+
+        async def one() -> None:
+            await anyio.to_thread.run_sync(run, limiter=self.limiter)
 
         try:
-            took = await anyio.to_thread.run_sync(run, limiter=self.limiter)
+            async with anyio.create_task_group() as tg:
+                for _ in range(int(self.limiter.total_tokens)):
+                    tg.start_soon(one)
         except Exception:
             log.warning("the model failed its start-up probe; capacity unknown", exc_info=True)
             return
+        took = sum(times) / len(times)
         if self.full_batch_s is None:
             self.full_batch_s = took
-        log.info("model probe", extra={"batch": n, "seconds": round(took, 3)})
+        log.info("model probe", extra={"batch": n, "calls": len(times), "seconds": round(took, 3)})
 
     # -- the dispatcher ------------------------------------------------------------------------
 

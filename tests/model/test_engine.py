@@ -369,7 +369,8 @@ async def test_capacity_comes_from_a_probe_then_from_full_batches() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
             await engine.probe()
-            assert model.batches == [[24000] * 4]  # one full batch of 1.5 s utterances
+            # A full batch of 1.5 s utterances on each thread at once.
+            assert model.batches == [[24000] * 4] * 2
             assert engine.full_batch_s is not None and 0.1 <= engine.full_batch_s < 0.5
             # 2 threads x 4 per batch / ~0.1 s: ~80 utterances a second; 0.4 per session.
             capacity = engine.capacity_per_s()
