@@ -83,17 +83,19 @@ class Registry:
             del self._unended[sid]
         return len(self._unended)
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, *, model: bool = True) -> None:
         if not self.accepting:
             raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        refusal = self._refusal()
+        refusal = self._refusal(model=model)
         if refusal is not None:
             cause, error = refusal
             self.runtime.observer.session_refused(cause)
             raise error
 
-    def _refusal(self) -> tuple[str, StreamerError] | None:
-        """Why a new session would be turned away now (its cause, for the metric), or None."""
+    def _refusal(self, *, model: bool = True) -> tuple[str, StreamerError] | None:
+        """Why a new session would be turned away now (its cause, for the metric), or None.
+        ``model``: also ask whether the model can take it (not for a session already admitted
+        whose upload lands here: see :meth:`start`)."""
         settings = self.runtime.settings
         limit = settings.max_sessions
         if self.live >= limit:
@@ -113,6 +115,8 @@ class Registry:
                     f"its Opus decoder takes {took_ms:.0f} ms per batch, "
                     f"the limit is {most_ms:g} ms"
                 )
+        if not model:
+            return None
         models, most_ms = self.runtime.models, settings.admit_max_model_wait_ms
         if most_ms > 0:
             wait_ms = models.wait_s() * 1000
@@ -183,7 +187,11 @@ class Registry:
             self._tg.start_soon(session.run, receive, name=f"session {session.id}")
             return session
         self.local(session_id)  # rejects a malformed id before asking the store
-        self._check_capacity()
+        # The session was admitted when it was created, model included, by whichever worker
+        # took the POST; the one its upload reaches checks only that its own process can run
+        # it (a saturated loop or decoder), so an admitted session is not turned away for the
+        # model after all.
+        self._check_capacity(model=False)
         claimed_at = time.monotonic()  # the lease is at least this fresh
         claim = await self.store.claim(session_id)
         session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)

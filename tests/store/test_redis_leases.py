@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -328,4 +329,29 @@ async def test_a_busy_worker_turns_an_upload_away_and_the_session_waits_for_anot
     assert refused.value.code is ErrorCode.SERVER_OVERLOADED
     assert (await idle.registry.status(sid))["state"] == "created"
     session = await idle.registry.start(sid)
+    assert session.state is SessionState.RUNNING
+
+
+class FullModels(IdleModels):
+    """The model side of a worker whose model is at capacity: it would refuse new sessions."""
+
+    def load_with(self, sessions: int) -> float:  # type: ignore[override]
+        return 10.0
+
+
+async def test_a_session_admitted_elsewhere_is_not_refused_its_upload_for_the_model(
+    redis_server: RedisServer, prefix: str, worker_factory: Callable[..., Awaitable[Worker]]
+) -> None:
+    """Regression: with two workers a session was admitted (model included) by the worker that
+    took its POST, then its upload reached the other, whose model gate refused it: the client
+    was left with a created session that never ran (a load run saw it end only at the
+    unstarted timeout). The upload's worker checks only its own loop and decoder."""
+    admitting = await worker_factory(redis_server)
+    full = await worker_factory(redis_server)
+    full.registry.runtime = replace(full.registry.runtime, models=FullModels())
+    with pytest.raises(StreamerError) as refused:
+        await full.registry.create(SessionConfig())  # a new session: the model says no
+    assert refused.value.code is ErrorCode.SERVER_OVERLOADED
+    sid = await admitting.registry.create(SessionConfig())
+    session = await full.registry.start(sid)  # its upload lands on the full worker: runs
     assert session.state is SessionState.RUNNING
