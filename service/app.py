@@ -119,7 +119,12 @@ def create_app(
         Route("/v1/sessions", sessions.create_session, methods=["POST"]),
         Route("/v1/sessions/{session_id}", sessions.get_session, methods=["GET"]),
         Route("/v1/sessions/{session_id}", sessions.delete_session, methods=["DELETE"]),
-        Route("/v1/sessions/{session_id}/audio", upload.upload_audio, methods=["POST", "PUT"]),
+        Route(
+            "/v1/sessions/{session_id}/audio",
+            upload.upload_audio,
+            methods=["POST", "PUT", "PATCH"],
+        ),
+        Route("/v1/sessions/{session_id}/audio", upload.upload_offset, methods=["HEAD"]),
         Route("/v1/sessions/{session_id}/events", sse.stream_events, methods=["GET"]),
         WebSocketRoute("/v1/ws", websocket.v1_ws),
         WebSocketRoute("/api/v1/segmented", websocket.seed_segmented),

@@ -18,7 +18,7 @@ from anyio.abc import TaskGroup
 
 from service.config import SessionConfig, config_to_dict
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
-from service.session.session import EndReason, Session, SessionState
+from service.session.session import EndReason, Session, SessionState, published_summary
 from service.store import Lease, Renewal, SessionStore
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class LeaseKeeper:
         try:
             changed = config is not owned.config_sent
             return Renewal(
-                session.id, session.summary(), config_to_dict(config) if changed else None
+                session.id, published_summary(session), config_to_dict(config) if changed else None
             )
         except Exception:
             # A bug here must end this session only, as a bug in a pipeline stage does.

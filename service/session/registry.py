@@ -12,6 +12,7 @@ of any other session are served from the store, so any worker answers for any se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -23,7 +24,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from service.config import PcmFormat, SessionConfig
-from service.errors import ErrorCode, StoreUnavailable, StreamerError
+from service.errors import ErrorCode, OffsetMismatch, StoreUnavailable, StreamerError
 from service.events.log import EventLog
 from service.runtime import Runtime
 from service.session.leases import LeaseKeeper
@@ -33,9 +34,10 @@ from service.session.session import (
     Session,
     SessionState,
     new_session_id,
+    published_summary,
     summarize,
 )
-from service.store import MemoryStore, SessionStore
+from service.store import MemoryStore, Renewal, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ class Registry:
         claimed_at = time.monotonic()  # the lease is at least this fresh
         claim = await self.store.claim(session_id)
         session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)
+        session.on_detach = lambda: self._publish_offset(session)
         self._add(session)
         receive = session.open_input(fmt)
         # The times every worker reports, not this process's clock readings a moment later.
@@ -160,6 +163,47 @@ class Registry:
             self._run_owned, session, receive, claimed_at, name=f"session {session.id}"
         )
         return session
+
+    async def resume(self, session_id: str, offset: int, fmt: PcmFormat | None = None) -> Session:
+        """An upload that continues a resumable session at byte ``offset`` (``Upload-Offset``);
+        the caller then writes bytes from ``session.upload``. An unstarted session starts here
+        (offset 0). With a shared store only the worker running the pipeline can continue it
+        (its decoder's state is in that process): elsewhere this raises ``session_elsewhere``,
+        which a client answers by retrying on a new connection."""
+        if not self.accepting:
+            raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        session = self.local(session_id)
+        if session is None and self.store.shared:
+            state = (await self.store.status(session_id))["state"]
+            if state == "created":
+                if offset != 0:
+                    raise OffsetMismatch(0, offset)
+                return await self.start(session_id, fmt)
+            if state == "running":
+                raise StreamerError(
+                    ErrorCode.SESSION_ELSEWHERE,
+                    "another worker runs this session's pipeline; retry on a new connection",
+                )
+            raise StreamerError(ErrorCode.SESSION_ENDED, "this session has ended; create a new one")
+        if session is None:
+            session = self.get(session_id)
+        if session.state is SessionState.CREATED:
+            if offset != 0:
+                raise OffsetMismatch(0, offset)
+            return await self.start(session_id, fmt)
+        await session.resume_input(offset)
+        return session
+
+    def _publish_offset(self, session: Session) -> None:
+        """A shared session's upload was cut: publish its counters now rather than at the next
+        lease renewal, so that status and ``HEAD`` on any worker give the exact offset."""
+
+        async def publish() -> None:
+            # Failing, the next renewal publishes them; until then the offset is stale (409).
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.renew([Renewal(session.id, published_summary(session))])
+
+        self._tg.start_soon(publish)
 
     async def status(self, session_id: str) -> dict[str, Any]:
         session = self.local(session_id)
