@@ -32,9 +32,7 @@ WEBM = (DATA / "speech.webm").read_bytes()
 @pytest.fixture(scope="module")
 def grace_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A short grace period, so its expiry is quick to see."""
-    s = start_server(
-        tmp_path_factory.mktemp("grace"), env={"STREAMER_RESUME_GRACE_SECONDS": "1.5"}
-    )
+    s = start_server(tmp_path_factory.mktemp("grace"), env={"STREAMER_RESUME_GRACE_SECONDS": "1.5"})
     yield s
     stop_server(s)
 
@@ -212,9 +210,7 @@ async def test_a_newer_upload_supersedes_one_whose_client_went_silent(server: Se
                 while (await head_offset(client, url))[0] < 80_000:
                     await anyio.sleep(0.02)
                 assert (await head_offset(client, url))[1] == "running"
-                r = await client.post(
-                    url, content=WAV[80_000:], headers={"Upload-Offset": "80000"}
-                )
+                r = await client.post(url, content=WAV[80_000:], headers={"Upload-Offset": "80000"})
             # The old upload was answered when the new one took over (and its connection closed).
             stale.settimeout(5)
             assert stale.recv(4096).startswith(b"HTTP/1.1 202 ")
