@@ -48,7 +48,16 @@ async def upload_audio(request: Request) -> Response:
     if offset is None:
         session = await registry.start(session_id, fmt)
     else:
-        session = await registry.resume(session_id, offset, fmt)
+        try:
+            session = await registry.resume(session_id, offset, fmt)
+        except StreamerError as exc:
+            if exc.code is not ErrorCode.SESSION_ELSEWHERE:
+                raise
+            # The client is to try again on a new connection (RFC 9110 421): close this one,
+            # or its keep-alive would bring the retry back to this worker.
+            refusal = error_response(exc)
+            refusal.headers["Connection"] = "close"
+            return refusal
     upload = session.upload  # read before any await: this request's turn at the input
     assert upload is not None
     complete = await pump(request, session, upload)
