@@ -310,9 +310,22 @@ function newRun(source) {
 }
 
 async function openSession(r, contentType, pcm = null) {
-  r.upload = createUpload(r.transport.name, { apiKey: r.settings.apiKey, contentType, pcm });
+  r.upload = createUpload(r.transport.name, {
+    apiKey: r.settings.apiKey,
+    contentType,
+    pcm,
+    lastEventId: () => r.events?.lastId ?? 0,
+  });
   const { sessionId } = await r.upload.open(r.settings.config);
   r.upload.onerror = (err) => uploadFailed(r, err);
+  // A dropped WebSocket is resumed by the upload itself; the page says so meanwhile.
+  r.upload.onstatus = (status, why = "") => {
+    if (run !== r) return;
+    ui.app.dataset.upload = status;
+    ui.transport.textContent = status === "reconnecting" ? "WebSocket (reconnecting…)" : "WebSocket";
+    ui.transport.title = status === "reconnecting" ? `connection lost (${why}); resuming` : r.transport.reason;
+  };
+  ui.app.dataset.upload = "open";
   ui.sessionId.textContent = sessionId;
   ui.sessionId.title = sessionId;
   ui.app.dataset.session = sessionId;
@@ -703,6 +716,10 @@ window.streamer = {
   },
   get samplesCaptured() {
     return run?.capture?.samples ?? 0;
+  },
+  /** Times the upload's connection dropped and was resumed (WebSocket). */
+  get uploadResumes() {
+    return run?.upload?.resumes ?? 0;
   },
   reconnectEvents,
 };

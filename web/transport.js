@@ -4,6 +4,7 @@
 // - FetchUpload: POST /v1/sessions, then one fetch whose body is a ReadableStream. Chrome streams
 //   a request body only over HTTP/2, so this needs the page on https: (TLS with ALPN h2).
 // - WebSocketUpload: /v1/ws, a start message, binary frames, a stop message. Works on HTTP/1.1.
+//   Its session is resumable: a dropped connection is resumed, and no audio is lost.
 // Observations do not come back through either: the page reads them from the session's SSE.
 //
 // The audio is a container the service sniffs (a recorder's webm/opus, a file), or raw PCM when
@@ -202,38 +203,68 @@ export class FetchUpload {
 
 const WS_HIGH_WATER_BYTES = 1 << 20;
 const WS_START_TIMEOUT_MS = 15_000;
+// What is kept of the audio already sent, to send again after a cut from the server's offset:
+// the bytes in flight when a connection drops are far fewer; a recording's last minutes fit.
+const WS_KEPT_BYTES = 16 << 20;
+// How long to keep trying to resume after a cut: under the service's grace period (60 s by
+// default), after which the session ends by itself.
+const WS_RESUME_PATIENCE_MS = 55_000;
+// Refusals after which trying again cannot help.
+const RESUME_FATAL = new Set(["session_ended", "not_resumable", "session_not_found", "unauthorized"]);
 
+/** The upload over /v1/ws. Its session is resumable: when the connection drops while audio is
+ * still being sent, it reconnects, resumes the session at the byte offset the service received
+ * (`{"request": "resume"}`, docs/websocket.md), and sends from there what it had sent and what
+ * was recorded meanwhile. Nothing is lost and nothing reaches the decoder twice. */
 export class WebSocketUpload {
   name = "websocket";
 
-  constructor({ apiKey = "", pcm = null } = {}) {
+  constructor({ apiKey = "", pcm = null, lastEventId = () => 0 } = {}) {
     this.apiKey = apiKey;
     this.pcm = pcm;
+    this.lastEventId = lastEventId;
     this.startMessage = null;
     this.ws = null;
+    this.sessionId = "";
     this.finishing = false;
     this.onerror = null;
+    this.onstatus = null; // "open", "reconnecting"
+    this.resumes = 0;
+    // Every byte handed to send(), as chunks; kept[0] starts at byte keptFrom of the stream.
+    this.kept = [];
+    this.keptFrom = 0;
+    this.keptBytes = 0;
+    this.total = 0;
+    this.resuming = null; // the reconnection in progress (a promise), or null
+  }
+
+  url() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    return withToken(`${scheme}//${location.host}/v1/ws`, this.apiKey);
   }
 
   open(config) {
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const url = withToken(`${scheme}//${location.host}/v1/ws`, this.apiKey);
-    const ws = new WebSocket(url);
-    ws.binaryType = "arraybuffer";
-    this.ws = ws;
-    this.startMessage = { request: "start", ...config };
+    this.startMessage = { request: "start", ...config, resumable: true };
     if (this.pcm) {
       this.startMessage.format = { channels: this.pcm.channels, sample_rate: this.pcm.sampleRate, bit_depth: 16, is_float: false };
     }
+    return this.connect((ws) => ws.send(JSON.stringify(this.startMessage))).then((msg) => {
+      this.sessionId = msg.session_id;
+      return { sessionId: msg.session_id };
+    });
+  }
+
+  /** A new WebSocket; `greet(ws)` once it is open; resolves with the `started` message. */
+  connect(greet, onMessage = null) {
+    const ws = new WebSocket(this.url());
+    ws.binaryType = "arraybuffer";
     return new Promise((resolve, reject) => {
       let started = false;
       const timer = setTimeout(() => {
         reject(new ApiError("timeout", "the WebSocket did not start a session in time"));
         ws.close();
       }, WS_START_TIMEOUT_MS);
-      ws.addEventListener("open", () => {
-        ws.send(JSON.stringify(this.startMessage));
-      });
+      ws.addEventListener("open", () => greet(ws));
       ws.addEventListener("message", (e) => {
         if (started || typeof e.data !== "string") return;
         let msg;
@@ -245,8 +276,9 @@ export class WebSocketUpload {
         if (msg.type === "started") {
           started = true;
           clearTimeout(timer);
-          resolve({ sessionId: msg.session_id });
-        } else if (msg.type === "error") {
+          this.ws = ws;
+          resolve(msg);
+        } else if (msg.type === "error" && !onMessage?.(ws, msg)) {
           clearTimeout(timer);
           reject(new ApiError(msg.code, msg.message));
         }
@@ -259,16 +291,95 @@ export class WebSocketUpload {
           const refusal = e.code === 1006 ? await explainRefusal(this.apiKey) : null;
           const why = e.reason || (e.code === 1006 ? "connection failed" : `code ${e.code}`);
           reject(refusal ?? new ApiError("websocket_closed", `WebSocket closed before the session started: ${why}`));
-        } else if (!this.finishing) {
-          const why = e.reason || `code ${e.code}`;
-          this.onerror?.(new ApiError("websocket_closed", `WebSocket closed while sending audio: ${why}`));
+        } else if (!this.finishing && ws === this.ws) {
+          // Cut while sending: resume, unless the service itself closed it (an error it sent
+          // says why, and the session has ended; resuming would be refused).
+          if (e.code === 1006 || e.code === 1001 || e.code === 1013) {
+            this.resume(e.reason || `code ${e.code}`);
+          } else {
+            const why = e.reason || `code ${e.code}`;
+            this.onerror?.(new ApiError("websocket_closed", `WebSocket closed while sending audio: ${why}`));
+          }
         }
       });
     });
   }
 
+  /** Reconnect and resume the session; retried with backoff until the patience runs out. */
+  resume(why) {
+    if (this.resuming) return this.resuming;
+    this.onstatus?.("reconnecting", why);
+    this.resuming = (async () => {
+      const deadline = Date.now() + WS_RESUME_PATIENCE_MS;
+      let delay = 100;
+      let last = null;
+      while (Date.now() < deadline) {
+        try {
+          await this.resumeOnce();
+          this.resumes += 1;
+          this.onstatus?.("open");
+          return true;
+        } catch (err) {
+          last = err;
+          if (RESUME_FATAL.has(err.code)) break;
+        }
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        delay = Math.min(delay * 2, 4000);
+      }
+      this.onerror?.(last ?? new ApiError("websocket_closed", `WebSocket closed while sending audio: ${why}`));
+      return false;
+    })().finally(() => {
+      this.resuming = null;
+    });
+    return this.resuming;
+  }
+
+  /** One attempt: a resume at the offset the service reports (a guess first, corrected by its
+   * `offset_mismatch` answer), then everything kept from that offset on. */
+  async resumeOnce() {
+    const message = (offset) => JSON.stringify({ request: "resume", id: this.sessionId, offset, last_event_id: this.lastEventId() });
+    const started = await this.connect(
+      (ws) => ws.send(message(this.total)),
+      (ws, msg) => {
+        if (msg.code !== "offset_mismatch") return false;
+        ws.send(message(msg.offset));
+        return true;
+      },
+    );
+    this.sendKeptFrom(started.offset);
+  }
+
+  sendKeptFrom(offset) {
+    if (offset < this.keptFrom || offset > this.total) {
+      throw new ApiError("resume_failed", `cannot resume at byte ${offset}: bytes ${this.keptFrom}-${this.total} are at hand`);
+    }
+    let at = this.keptFrom;
+    for (const chunk of this.kept) {
+      const end = at + chunk.byteLength;
+      if (end > offset) this.ws.send(at >= offset ? chunk : chunk.subarray(offset - at));
+      at = end;
+    }
+  }
+
+  keep(bytes) {
+    this.kept.push(bytes);
+    this.keptBytes += bytes.byteLength;
+    this.total += bytes.byteLength;
+    while (this.keptBytes - this.kept[0].byteLength >= WS_KEPT_BYTES) {
+      const old = this.kept.shift();
+      this.keptBytes -= old.byteLength;
+      this.keptFrom += old.byteLength;
+    }
+  }
+
   async send(bytes) {
-    if (this.ws.readyState !== WebSocket.OPEN) throw new ApiError("websocket_closed", "WebSocket is closed");
+    this.keep(bytes);
+    if (this.resuming) return; // kept: it goes out once the session is resumed
+    if (this.ws.readyState !== WebSocket.OPEN) {
+      // Kept: the close that is coming starts a resume, which sends it.
+      if (!this.finishing) return;
+      throw new ApiError("websocket_closed", "WebSocket is closed");
+    }
     this.ws.send(bytes);
     // WebSocket has no drain event; a file read faster than the network would fill memory.
     while (this.ws.bufferedAmount > WS_HIGH_WATER_BYTES && this.ws.readyState === WebSocket.OPEN) {
@@ -277,6 +388,8 @@ export class WebSocketUpload {
   }
 
   async finish() {
+    // Audio kept during a cut goes out first; the stop follows it on the resumed connection.
+    if (this.resuming) await this.resuming;
     this.finishing = true;
     if (this.ws.readyState === WebSocket.OPEN) {
       this.ws.send(JSON.stringify({ request: "stop", disconnect: true }));
@@ -286,7 +399,11 @@ export class WebSocketUpload {
 
   abort() {
     this.finishing = true;
-    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, "client stopped");
+    if (this.ws && this.ws.readyState <= WebSocket.OPEN) {
+      // The session is resumable: a close alone would leave it waiting for a resume.
+      if (this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify({ request: "stop", disconnect: true }));
+      this.ws.close(1000, "client stopped");
+    }
   }
 }
 
