@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import httpx
@@ -21,7 +23,7 @@ from tests.resume_helpers import (
     shape,
     start_chunked,
 )
-from tests.sse_client import finals, read_all
+from tests.sse_client import finals, iter_sse, read_all
 
 pytestmark = pytest.mark.anyio
 
@@ -228,3 +230,43 @@ async def test_head_on_an_unknown_session_is_404(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         r = await client.head("/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA/audio")
         assert r.status_code == 404
+
+
+async def test_delete_while_awaiting_resume_cancels_at_once(server: Server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        created = (await client.post("/v1/sessions", json={"resumable": True})).json()
+        url = created["audio_url"]
+        with anyio.fail_after(10):
+            await cut_upload(url, WAV, 0, 64_000, pause=0.3)
+            while (await head_offset(client, url))[1] != "awaiting_resume":
+                await anyio.sleep(0.02)
+            r = await client.delete(created["url"])
+            assert r.status_code == 202
+            events = await read_all(client, created["events_url"])
+        assert events[-1].data["reason"] == "cancelled"
+        r = await client.post(url, content=WAV[64_000:], headers={"Upload-Offset": "64000"})
+        assert r.json()["error"]["code"] == "session_ended"
+
+
+async def test_shutdown_ends_a_session_awaiting_resume_without_waiting_for_grace(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM does not wait out the grace period (60 s): a session waiting for its upload is
+    drained and ended (``shutdown``) like any other whose input is closed."""
+    s = start_server(tmp_path, env={"STREAMER_SHUTDOWN_GRACE_SECONDS": "5"})
+    try:
+        async with httpx.AsyncClient(base_url=s.url, timeout=30) as client:
+            created = (await client.post("/v1/sessions", json={"resumable": True})).json()
+            url = created["audio_url"]
+            with anyio.fail_after(20):
+                await cut_upload(url, WAV, 0, 100_000, pause=0.3)
+                while (await head_offset(client, url))[1] != "awaiting_resume":
+                    await anyio.sleep(0.02)
+                async with client.stream("GET", created["events_url"]) as events:
+                    s.process.send_signal(signal.SIGTERM)
+                    seen = [ev async for ev in iter_sse(events)]
+        end = seen[-1].data
+        assert (end["type"], end["reason"], end["bytes"]) == ("end", "shutdown", 100_000)
+        assert s.process.wait(10) == 0
+    finally:
+        stop_server(s)
