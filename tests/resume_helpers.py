@@ -58,6 +58,20 @@ async def cut_upload(audio_url: str, data: bytes, offset: int, upto: int, pause:
         reset(sock)
 
 
+async def cut_when_received(
+    client: httpx.AsyncClient, audio_url: str, data: bytes, offset: int, upto: int
+) -> None:
+    """As :func:`cut_upload`, but reset only once the server has received all of
+    ``data[offset:upto]`` (for tests that assert exact offsets on a busy machine)."""
+    sock = start_chunked(audio_url, {"Upload-Offset": str(offset)})
+    try:
+        send_chunks(sock, data[offset:upto])
+        while (await head_offset(client, audio_url))[0] < upto:
+            await anyio.sleep(0.01)
+    finally:
+        reset(sock)
+
+
 async def finish_upload(client: httpx.AsyncClient, audio_url: str, data: bytes) -> httpx.Response:
     """Resume at the server's offset and send the rest to the end; a 409 names the offset."""
     offset, _ = await head_offset(client, audio_url)

@@ -170,7 +170,7 @@ class Session:
 
     @property
     def awaiting_resume(self) -> bool:
-        return self._detached_at is not None and self._input_reason is None
+        return self._detached_at is not None and not self.input_closed.is_set()
 
     def _new_upload(self) -> Upload:
         self._uploads += 1
@@ -196,7 +196,8 @@ class Session:
             raise StreamerError(ErrorCode.SESSION_NOT_FOUND, "this session has no upload yet")
         while self._sending:  # a chunk in hand-off is counted already, but let it land first
             await self._sent.wait()
-        if self.state is SessionState.ENDED or self._input_reason is not None:
+        if self.state is SessionState.ENDED or self.input_closed.is_set():
+            # Ended, or ending: its input closed, or the decoder stopped (the audio's own end)
             raise StreamerError(ErrorCode.SESSION_ENDED, "this session has ended; create a new one")
         if offset != self.counters.bytes_in:
             raise OffsetMismatch(self.counters.bytes_in, offset)
@@ -215,8 +216,8 @@ class Session:
         if not self.config.resumable or self._input is None:
             self.close_input(EndReason.CLIENT_DISCONNECTED)
             return
-        if self._input_reason is not None or self._detached_at is not None:
-            return
+        if self.input_closed.is_set() or self._detached_at is not None:
+            return  # ending anyway (its input closed, or the decoder reached the audio's end)
         if upload is not None:
             upload.stopped.set()
         self.upload = None
@@ -229,7 +230,7 @@ class Session:
         """A resumable session's grace period: the input ends (``client_disconnected``, after
         everything received is processed) once no upload has fed it for that long."""
         grace = self.runtime.settings.resume_grace_seconds
-        while self._input_reason is None:
+        while not self.input_closed.is_set():
             changed = self._upload_changed
             if self._detached_at is None:
                 await changed.wait()

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import DATA, Server, start_server, stop_server
 from tests.resume_helpers import (
     cut_upload,
+    cut_when_received,
     finish_upload,
     head_offset,
     reset,
@@ -96,7 +97,7 @@ async def test_head_and_status_report_the_offset(server: Server) -> None:
         url = created["audio_url"]
         assert await head_offset(client, url) == (0, "created")
         with anyio.fail_after(10):
-            await cut_upload(url, WAV, 0, 100_000, pause=0.3)
+            await cut_when_received(client, url, WAV, 0, 100_000)
             while (await head_offset(client, url))[1] != "awaiting_resume":
                 await anyio.sleep(0.02)
         offset, _ = await head_offset(client, url)
@@ -122,7 +123,7 @@ async def test_a_wrong_offset_gets_409_with_the_right_one(server: Server) -> Non
             "offset": 0,
         }
         with anyio.fail_after(10):
-            await cut_upload(url, WAV, 0, 64_000, pause=0.3)
+            await cut_when_received(client, url, WAV, 0, 64_000)
             while (await head_offset(client, url))[1] != "awaiting_resume":
                 await anyio.sleep(0.02)
             for wrong in (0, 63_999, 64_001, 10**9):
@@ -144,7 +145,7 @@ async def test_a_session_not_created_resumable_cannot_be_resumed(server: Server)
         created = (await client.post("/v1/sessions")).json()
         url = created["audio_url"]
         with anyio.fail_after(10):
-            await cut_upload(url, WAV, 0, 64_000, pause=0.3)
+            await cut_when_received(client, url, WAV, 0, 64_000)
             events = await read_all(client, created["events_url"])
         assert events[-1].data["reason"] == "client_disconnected"  # as before: it ends
         r = await client.post(url, content=WAV[64_000:], headers={"Upload-Offset": "64000"})
@@ -158,7 +159,7 @@ async def test_grace_expiry_ends_with_everything_received_processed(grace_server
         created = (await client.post("/v1/sessions", json={"resumable": True})).json()
         url = created["audio_url"]
         with anyio.fail_after(15):
-            await cut_upload(url, WAV, 0, cut, pause=0.3)
+            await cut_when_received(client, url, WAV, 0, cut)
             while (await head_offset(client, url))[1] != "awaiting_resume":
                 await anyio.sleep(0.02)
             t0 = anyio.current_time()
@@ -237,7 +238,7 @@ async def test_delete_while_awaiting_resume_cancels_at_once(server: Server) -> N
         created = (await client.post("/v1/sessions", json={"resumable": True})).json()
         url = created["audio_url"]
         with anyio.fail_after(10):
-            await cut_upload(url, WAV, 0, 64_000, pause=0.3)
+            await cut_when_received(client, url, WAV, 0, 64_000)
             while (await head_offset(client, url))[1] != "awaiting_resume":
                 await anyio.sleep(0.02)
             r = await client.delete(created["url"])
@@ -259,7 +260,7 @@ async def test_shutdown_ends_a_session_awaiting_resume_without_waiting_for_grace
             created = (await client.post("/v1/sessions", json={"resumable": True})).json()
             url = created["audio_url"]
             with anyio.fail_after(20):
-                await cut_upload(url, WAV, 0, 100_000, pause=0.3)
+                await cut_when_received(client, url, WAV, 0, 100_000)
                 while (await head_offset(client, url))[1] != "awaiting_resume":
                     await anyio.sleep(0.02)
                 async with client.stream("GET", created["events_url"]) as events:

@@ -20,7 +20,13 @@ import httpx
 import pytest
 
 from tests.conftest import DATA, Server, start_server, stop_server
-from tests.resume_helpers import cut_upload, finish_upload, head_offset, shape
+from tests.resume_helpers import (
+    cut_upload,
+    cut_when_received,
+    finish_upload,
+    head_offset,
+    shape,
+)
 from tests.sse_client import read_all
 from tests.store.conftest import RedisServer
 from tests.store.test_redis_workers import LOST_BOUND_S, redis_env, start_servers
@@ -97,7 +103,7 @@ async def test_grace_expiry_is_seen_on_every_worker(pair: list[Server]) -> None:
     async with httpx.AsyncClient(timeout=30) as client:
         with anyio.fail_after(30):
             sid = (await client.post(f"{b.url}/v1/sessions", json={"resumable": True})).json()["id"]
-            await cut_upload(f"{a.url}/v1/sessions/{sid}/audio", WAV, 0, cut, pause=0.3)
+            await cut_when_received(client, f"{a.url}/v1/sessions/{sid}/audio", WAV, 0, cut)
             events = await read_all(client, f"{b.url}/v1/sessions/{sid}/events")
     end = events[-1].data
     assert (end["reason"], end["bytes"]) == ("client_disconnected", cut)
