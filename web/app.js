@@ -318,11 +318,12 @@ async function openSession(r, contentType, pcm = null) {
   });
   const { sessionId } = await r.upload.open(r.settings.config);
   r.upload.onerror = (err) => uploadFailed(r, err);
-  // A dropped WebSocket is resumed by the upload itself; the page says so meanwhile.
+  // A dropped connection is resumed by the upload itself; the page says so meanwhile.
   r.upload.onstatus = (status, why = "") => {
     if (run !== r) return;
     ui.app.dataset.upload = status;
-    ui.transport.textContent = status === "reconnecting" ? "WebSocket (reconnecting…)" : "WebSocket";
+    const label = r.transport.name === "fetch" ? "fetch stream (HTTP/2)" : "WebSocket";
+    ui.transport.textContent = status === "reconnecting" ? `${label} (reconnecting…)` : label;
     ui.transport.title = status === "reconnecting" ? `connection lost (${why}); resuming` : r.transport.reason;
   };
   ui.app.dataset.upload = "open";
@@ -717,7 +718,7 @@ window.streamer = {
   get samplesCaptured() {
     return run?.capture?.samples ?? 0;
   },
-  /** Times the upload's connection dropped and was resumed (WebSocket). */
+  /** Times the upload's connection dropped and was resumed. */
   get uploadResumes() {
     return run?.upload?.resumes ?? 0;
   },

@@ -441,3 +441,29 @@ def test_stop_during_a_cut_sends_what_was_kept(page: Any, http_server: Server) -
     assert page.evaluate("() => window.streamer.uploadResumes") == 1
     assert page.get_attribute("#summary", "data-reason") == "completed"
     assert_sent_as_pcm(page, http_server)
+
+
+def test_recording_over_http2_fetch_survives_a_dropped_connection(
+    page: Any, https_server: Server
+) -> None:
+    """HTTP/2: one TLS connection carries the page's event stream and its upload; it is reset
+    mid-recording. The EventSource reconnects by itself; the upload asks the service for its
+    offset (HEAD) and streams the rest in a new fetch with Upload-Offset."""
+    proxy = DroppingProxy(https_server.port).start()
+
+    def cut() -> None:
+        assert proxy.drop(b"", reset=True) >= 1  # TLS: every connection, whatever it carries
+        page.wait_for_function("() => window.streamer.uploadResumes >= 1", timeout=WAIT_MS)
+        assert page.get_attribute("main", "data-upload") == "open"
+
+    try:
+        page.goto(f"https://127.0.0.1:{proxy.port}/")
+        wait_state(page, "idle")
+        assert page.locator("#transport").inner_text() == "fetch stream (HTTP/2)"
+        result = record(page, "microphone-fetch-h2-resumed", cut, shot_when="#timeline .bar")
+    finally:
+        proxy.close()
+    assert page.get_attribute("main", "data-transport") == "fetch"
+    assert page.evaluate("() => window.streamer.uploadResumes") == 1
+    assert_one_final_per_utterance(result)
+    assert_sent_as_pcm(page, https_server)
