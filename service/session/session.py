@@ -205,6 +205,10 @@ class Session:
         upload = self._new_upload()
         if old is not None:
             old.stopped.set()  # superseded: whatever it still reads is refused (write)
+        log.info(
+            "upload resumed",
+            extra={"session_id": self.id, "offset": offset, "superseded": old is not None},
+        )
         return upload
 
     def detach_input(self, upload: Upload | None) -> None:
@@ -223,6 +227,10 @@ class Session:
         self.upload = None
         self._detached_at = time.monotonic()
         self._changed()
+        log.info(
+            "upload cut; awaiting resume",
+            extra={"session_id": self.id, "offset": self.counters.bytes_in},
+        )
         if self.on_detach is not None:
             self.on_detach()
 
