@@ -86,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="create the session resumable; when the upload's connection is cut, continue it "
-        "where the server's bytes end, and reconnect the events after the last one seen "
-        "(HTTP only)",
+        "where the server's bytes end, and reconnect the events after the last one seen",
     )
     send.add_argument(
         "--chunk-ms",
@@ -166,8 +165,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if args.interim:
         config["interim_results"] = True
     if args.resume:
-        if args.ws:
-            p.error("--resume works over HTTP (chunked or --http2), not --ws")
         config["resumable"] = True
 
     raw: RawFormat | None = None

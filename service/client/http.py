@@ -208,9 +208,13 @@ async def _upload_resuming(
     """``--resume``: upload; when the connection fails, ask where the server's bytes end and
     upload the rest from there (``Upload-Offset``), until one upload finishes the audio."""
     replay = ReplayBuffer(audio)
+    tg.start_soon(replay.fill)  # reads on while the connection is down
     offset, cuts = 0, 0
     problem = "the session did not end after the upload"
     while True:
+        if not replay.holds(offset):
+            problem = f"cannot resume at byte {offset}: no longer at hand"
+            break
         headers = {"Upload-Offset": str(offset)}
         try:
             response = await client.post(url, content=replay.from_offset(offset), headers=headers)

@@ -28,30 +28,64 @@ RESUME_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 class ReplayBuffer:
-    """The input's chunks, as one byte stream that can be read again from any offset within the
-    last ``window`` bytes. One reader at a time (one upload)."""
+    """The input as one byte stream that can be read again from any offset within the last
+    ``window`` bytes.
+
+    :meth:`fill` reads the input in a task of its own, so a live input goes on being read while
+    the connection is down (what is recorded meanwhile is kept), and a reader that is cancelled
+    (a dropped connection) never cancels the input's own iterator. It keeps at most half the
+    window ahead of what the current reader has taken: a file read faster than it can be sent
+    waits, and an offset the server can report (at most the bytes in flight behind the reader)
+    is always still at hand."""
 
     def __init__(self, audio: AsyncIterable[bytes], window: int = REPLAY_WINDOW_BYTES) -> None:
-        # One iterator for all uploads: an upload that is cut leaves it where it was.
-        self._audio = aiter(audio)
+        self._audio = audio
         self._window = window
         self._kept = bytearray()
         self._kept_from = 0  # the offset of _kept[0]
         self.read = 0  # bytes taken from the input so far
+        self.taken = 0  # bytes the current reader has taken
         self.done = False
+        self._changed = anyio.Event()  # replaced after each set
+
+    def _ring(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def fill(self) -> None:
+        try:
+            async for chunk in self._audio:
+                self._keep(chunk)
+                self._ring()
+                while self.read - self.taken >= self._window // 2:
+                    await self._changed.wait()
+        finally:
+            self.done = True
+            self._ring()
+
+    def holds(self, offset: int) -> bool:
+        """Whether the stream can be read again from ``offset``."""
+        return self._kept_from <= offset <= self.read
 
     async def from_offset(self, offset: int) -> AsyncIterator[bytes]:
-        if offset < self._kept_from or offset > self.read:
+        """The stream from ``offset`` to the input's end, as it is read."""
+        if not self.holds(offset):
             raise ClientFailure(
                 f"cannot resume at byte {offset}: only bytes {self._kept_from}-{self.read} "
                 "are still at hand"
             )
-        if offset < self.read:
-            yield bytes(self._kept[offset - self._kept_from :])
-        async for chunk in self._audio:
-            self._keep(chunk)
-            yield chunk
-        self.done = True
+        at = offset
+        while True:
+            if at < self.read:
+                data = bytes(self._kept[at - self._kept_from :])
+                at = self.read
+                self.taken = at
+                self._ring()
+                yield data
+            elif self.done:
+                return
+            else:
+                await self._changed.wait()
 
     def _keep(self, chunk: bytes) -> None:
         self.read += len(chunk)

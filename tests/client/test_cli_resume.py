@@ -1,6 +1,6 @@
-"""``streamer-client --resume`` (issue 21): its upload and its event stream are cut (TCP resets,
-through a proxy) while it streams at real time; it resumes both, and prints exactly the events
-of an uncut run: nothing lost, nothing twice."""
+"""``streamer-client --resume`` (issue 21): its upload and its event stream (or its WebSocket)
+are cut (TCP resets, through a proxy) while it streams at real time; it resumes, and prints
+exactly the events of an uncut run: nothing lost, nothing twice."""
 
 from __future__ import annotations
 
@@ -64,7 +64,32 @@ def test_resume_through_cuts_prints_what_an_uncut_run_prints(
     assert got[-1]["bytes"] == (DATA / "speech.wav").stat().st_size
 
 
-def test_resume_is_http_only() -> None:
-    run = client("--resume", "--ws", str(DATA / "speech.wav"))
-    assert run.returncode == 2
-    assert "--resume" in run.stderr
+def test_ws_resume_through_cuts_prints_what_an_uncut_run_prints(server: Server) -> None:
+    wav = str(DATA / "speech.wav")
+    uncut = client("--url", server.url, "--json", "--resume", "--ws", wav)
+    assert uncut.returncode == 0, uncut.stderr
+    expected = json_events(uncut.stdout)
+    proxy = DroppingProxy(server.port).start()
+    try:
+        args = ["--url", proxy.url, "--json", "--resume", "--ws", "--real-time", wav]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.client", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k != "STREAMER_URL"},
+        )
+        started = time.monotonic()
+        cuts = 0
+        for at in (1.5, 3.0, 4.5):
+            time.sleep(max(0.0, started + at - time.monotonic()))
+            cuts += proxy.drop(b"GET /v1/ws", reset=True)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proxy.close()
+    assert cuts == 3, err
+    assert proc.returncode == 0, err.decode()
+    assert err.decode().count("resuming") == 3
+    got = json_events(out.decode())
+    assert _shape(got) == _shape(expected)
+    assert got[-1]["type"] == "end" and got[-1]["reason"] == "completed"
