@@ -12,7 +12,6 @@ of any other session are served from the store, so any worker answers for any se
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -34,10 +33,9 @@ from service.session.session import (
     Session,
     SessionState,
     new_session_id,
-    published_summary,
     summarize,
 )
-from service.store import MemoryStore, Renewal, SessionStore
+from service.store import MemoryStore, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +152,8 @@ class Registry:
         claimed_at = time.monotonic()  # the lease is at least this fresh
         claim = await self.store.claim(session_id)
         session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)
-        session.on_detach = lambda: self._publish_offset(session)
+        # A cut upload: other workers should report its exact offset (HEAD) at once.
+        session.on_detach = self._leases.publish_now
         self._add(session)
         receive = session.open_input(fmt)
         # The times every worker reports, not this process's clock readings a moment later.
@@ -193,17 +192,6 @@ class Registry:
             return await self.start(session_id, fmt)
         await session.resume_input(offset)
         return session
-
-    def _publish_offset(self, session: Session) -> None:
-        """A shared session's upload was cut: publish its counters now rather than at the next
-        lease renewal, so that status and ``HEAD`` on any worker give the exact offset."""
-
-        async def publish() -> None:
-            # Failing, the next renewal publishes them; until then the offset is stale (409).
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.renew([Renewal(session.id, published_summary(session))])
-
-        self._tg.start_soon(publish)
 
     async def status(self, session_id: str) -> dict[str, Any]:
         session = self.local(session_id)
