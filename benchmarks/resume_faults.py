@@ -18,6 +18,7 @@ upload's first bytes (its offset, polled every 10 ms, moves past the resume poin
 of the cut by the server, the client's HEAD and the new connection together.
 
     .venv/bin/python benchmarks/resume_faults.py --spawn --streams 100 --cuts 3 --seconds 15
+    .venv/bin/python benchmarks/resume_faults.py --spawn --redis-url redis://127.0.0.1:6390/0
 """
 
 from __future__ import annotations
@@ -259,9 +260,13 @@ def main() -> None:
     p.add_argument("--chunk-ms", type=int, default=100)
     p.add_argument("--ramp-s", type=float, default=2.0, help="spread the streams' starts")
     p.add_argument("--seed", default="resume-faults")
+    p.add_argument(
+        "--redis-url", help="with --spawn: sessions in this Redis (REDIS_URL), one worker"
+    )
     args = p.parse_args()
     raise_fd_limit()
-    server = start_server() if args.spawn else None
+    env = {"REDIS_URL": args.redis_url} if args.redis_url else None
+    server = start_server(env) if args.spawn else None
     try:
         if server is not None:
             host, port = server.host, server.port
