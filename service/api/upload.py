@@ -54,9 +54,11 @@ async def upload_audio(request: Request) -> Response:
             if exc.code is not ErrorCode.SESSION_ELSEWHERE:
                 raise
             # The client is to try again on a new connection (RFC 9110 421): close this one,
-            # or its keep-alive would bring the retry back to this worker.
+            # or its keep-alive would bring the retry back to this worker. (HTTP/2 has no
+            # Connection header; the h2 library would strip it.)
             refusal = error_response(exc)
-            refusal.headers["Connection"] = "close"
+            if _http1(request):
+                refusal.headers["Connection"] = "close"
             return refusal
     upload = session.upload  # read before any await: this request's turn at the input
     assert upload is not None
@@ -73,12 +75,16 @@ async def upload_audio(request: Request) -> Response:
         error = session.error
         response = error_response(error, session=body) if error else JSONResponse(body)
     response.headers[OFFSET_HEADER] = str(session.counters.bytes_in)
-    if not complete and request.scope.get("http_version", "1.1").startswith("1"):
+    if not complete and _http1(request):
         # Answered before the body ended: on HTTP/1.1 the rest of the body would still arrive on
         # this connection and wedge the next request behind it, so close it after the answer.
         # (HTTP/2 ends just this stream.)
         response.headers["Connection"] = "close"
     return response
+
+
+def _http1(request: Request) -> bool:
+    return str(request.scope.get("http_version", "1.1")).startswith("1")
 
 
 async def upload_offset(request: Request) -> Response:

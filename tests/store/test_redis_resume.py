@@ -175,3 +175,34 @@ async def test_behind_workers_n_a_client_retrying_421_reaches_the_owner(
         assert shape(events) == expected
     finally:
         stop_server(server)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hypercorn 0.18 drops an HTTP/2 connection when request DATA arrives for a stream "
+    "it has already answered (KeyError in h2.py _handle_events; pgjones/hypercorn#329, open "
+    "PRs #312/#334): every upload refused before its body is read, over HTTP/2, loses the "
+    "connection",
+)
+async def test_session_elsewhere_over_http2_is_a_clean_421(pair: list[Server]) -> None:
+    """HTTP/2 has no ``Connection`` header (RFC 9113 8.2.2): the refusal must still arrive as
+    a 421 on its stream, with the connection usable for the next request."""
+    a, b = pair
+    async with httpx.AsyncClient(timeout=30) as client:
+        sid = (await client.post(f"{b.url}/v1/sessions", json={"resumable": True})).json()["id"]
+        with anyio.fail_after(15):
+            await cut_when_received(client, f"{a.url}/v1/sessions/{sid}/audio", WAV, 0, 64_000)
+            await _awaiting_everywhere(client, pair, sid)
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as h2:
+        with anyio.fail_after(15):
+            r = await h2.post(
+                f"{b.url}/v1/sessions/{sid}/audio",
+                content=WAV[64_000:],
+                headers={"Upload-Offset": "64000"},
+            )
+            assert r.http_version == "HTTP/2"
+            assert r.status_code == 421, r.text
+            assert r.json()["error"]["code"] == "session_elsewhere"
+            assert (await h2.get(f"{b.url}/healthz")).status_code == 200
+    async with httpx.AsyncClient(timeout=30) as client:
+        await client.delete(f"{b.url}/v1/sessions/{sid}")
