@@ -98,6 +98,8 @@ class _Follow:
 
     session: Session
     after: int = 0
+    # This connection's upload into it (a resumable session: followed only while it lasts).
+    upload: Upload | None = None
 
 
 _Outgoing = _Frame | _Follow
@@ -281,7 +283,7 @@ class Connection:
             if resumed is not None:
                 started |= {"resumed": True, "offset": session.counters.bytes_in}
             self._enqueue(_Frame(started))
-        self._enqueue(_Follow(session, resumed.last_event_id if resumed else 0))
+        self._enqueue(_Follow(session, resumed.last_event_id if resumed else 0, self.upload))
 
     def _flush(self, reason: EndReason = EndReason.COMPLETED) -> None:
         """End the current session's input: its pipeline drains every byte into its log. A
@@ -386,9 +388,8 @@ class Connection:
                     await self._send(item.data)
                     continue
                 try:
-                    async for event in item.session.log.follow(item.after):
-                        if self.dialect.forwards(event.type):
-                            await self._send(event.data)
+                    if await self._follow(item):
+                        continue  # it goes on without this connection: nothing ended
                 except StoreUnavailable as exc:
                     # The shared store failed (bounded retries): say so, close with 1013.
                     await self._send(Error(exc.code.value, exc.message).to_dict())
@@ -404,6 +405,38 @@ class Connection:
             await anyio.sleep(CLOSE_TIMEOUT_S)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
+
+    async def _follow(self, item: _Follow) -> bool:
+        """Send the session's log to its end. A resumable session is followed only while this
+        connection feeds it: once cut here (idle) or resumed elsewhere, its results go to the
+        upload that continues it; returns True then."""
+        session, upload = item.session, item.upload
+        left = False
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_left() -> None:
+                nonlocal left
+                assert upload is not None
+                await upload.stopped.wait()
+                if session.awaiting_resume or session.upload is not upload:
+                    left = True
+                    tg.cancel_scope.cancel()
+
+            if upload is not None and session.config.resumable:
+                tg.start_soon(stop_when_left)
+            async for event in session.log.follow(item.after):
+                if self.dialect.forwards(event.type):
+                    await self._send(event.data)
+            tg.cancel_scope.cancel()
+        if left and session is self.current:
+            # Resumed on another connection while this one still fed it.
+            self.current, self.upload = None, None
+            error = StreamerError(
+                ErrorCode.SESSION_BUSY, "another connection resumed this session; closing"
+            )
+            await self._send(Error(error.code.value, error.message).to_dict())
+            self._begin_close(POLICY_VIOLATION, "superseded")
+        return left
 
     def _session_ended(self, session: Session) -> None:
         error = session.error

@@ -8,6 +8,7 @@ import json
 import random
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -18,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from service.api.ws_protocol import V1, Resume, parse_message
 from service.errors import StreamerError
-from tests.conftest import DATA, Server
+from tests.conftest import DATA, Server, start_server, stop_server
 from tests.resume_helpers import head_offset, shape
 from tests.sse_client import SseEvent
 
@@ -140,3 +141,74 @@ async def test_ws_resume_of_an_unknown_session_is_refused(server: Server) -> Non
         assert reply["type"] == "error" and reply["code"] == "session_not_found"
         with pytest.raises(ConnectionClosed):
             await ws.recv()
+
+
+@pytest.fixture(scope="module")
+def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(
+        tmp_path_factory.mktemp("ws-idle"),
+        env={"STREAMER_IDLE_TIMEOUT_SECONDS": "1", "STREAMER_RESUME_GRACE_SECONDS": "20"},
+    )
+    yield s
+    stop_server(s)
+
+
+async def _frames_until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    await _drain(ws, got)
+    return got
+
+
+async def test_a_silent_connection_is_closed_and_its_session_waits(idle_server: Server) -> None:
+    """Silent past the idle timeout: the connection is closed (``idle_timeout``, 1008) at once,
+    not when the session ends, and the resumable session waits for a resume."""
+    expected = await _uncut(idle_server, WAV)
+    async with httpx.AsyncClient(base_url=idle_server.url, timeout=30) as client:
+        with anyio.fail_after(30):
+            ws = await connect(_ws_url(idle_server))
+            await ws.send(json.dumps({"request": "start", "resumable": True}))
+            session_id = json.loads(await ws.recv())["session_id"]
+            await ws.send(WAV[:100_000])
+            t0 = anyio.current_time()
+            got = await _frames_until_closed(ws)  # silent from now on
+            assert anyio.current_time() - t0 < 5
+            assert ws.close_code == 1008
+            assert got[-1]["type"] == "error" and got[-1]["code"] == "idle_timeout"
+            url = f"/v1/sessions/{session_id}/audio"
+            offset, state = await head_offset(client, url)
+            assert (offset, state) == (100_000, "awaiting_resume")
+            events = [f for f in got if f["type"] != "error"]
+            async with connect(_ws_url(idle_server)) as ws2:
+                resume = {"request": "resume", "id": session_id, "offset": offset}
+                await ws2.send(json.dumps({**resume, "last_event_id": len(events)}))
+                assert json.loads(await ws2.recv())["resumed"] is True
+                await ws2.send(WAV[offset:])
+                await ws2.send(json.dumps({"request": "stop", "disconnect": True}))
+                await _drain(ws2, events)
+    assert shape(_as_sse(events)) == expected
+
+
+async def test_a_connection_whose_session_is_resumed_elsewhere_is_told_and_closed(
+    server: Server,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        with anyio.fail_after(30):
+            old = await connect(_ws_url(server))
+            await old.send(json.dumps({"request": "start", "resumable": True}))
+            session_id = json.loads(await old.recv())["session_id"]
+            await old.send(WAV[:100_000])
+            url = f"/v1/sessions/{session_id}/audio"
+            while (await head_offset(client, url))[0] < 100_000:
+                await anyio.sleep(0.02)
+            async with connect(_ws_url(server)) as new:
+                msg = {"request": "resume", "id": session_id, "offset": 100_000}
+                await new.send(json.dumps(msg))
+                assert json.loads(await new.recv())["resumed"] is True
+                told = await _frames_until_closed(old)
+                assert told[-1]["code"] == "session_busy" and old.close_code == 1008
+                await new.send(WAV[100_000:])
+                await new.send(json.dumps({"request": "stop", "disconnect": True}))
+                rest: list[dict[str, Any]] = []
+                await _drain(new, rest)
+    assert rest[-1]["type"] == "end" and rest[-1]["reason"] == "completed"
+    assert rest[-1]["bytes"] == len(WAV)
