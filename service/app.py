@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from service.api import deepgram, health, sessions, sse, upload, web, websocket
+from service.api.absolute_form import AbsoluteFormMiddleware
 from service.api.responses import http_error_handler, internal_error_handler, streamer_error_handler
 from service.api.security import ApiKeyMiddleware
 from service.audio import opus
@@ -132,7 +133,12 @@ def create_app(
         Route("/v1/sessions", sessions.create_session, methods=["POST"]),
         Route("/v1/sessions/{session_id}", sessions.get_session, methods=["GET"]),
         Route("/v1/sessions/{session_id}", sessions.delete_session, methods=["DELETE"]),
-        Route("/v1/sessions/{session_id}/audio", upload.upload_audio, methods=["POST", "PUT"]),
+        Route(
+            "/v1/sessions/{session_id}/audio",
+            upload.upload_audio,
+            methods=["POST", "PUT", "PATCH"],
+        ),
+        Route("/v1/sessions/{session_id}/audio", upload.upload_offset, methods=["HEAD"]),
         Route("/v1/sessions/{session_id}/events", sse.stream_events, methods=["GET"]),
         WebSocketRoute("/v1/ws", websocket.v1_ws),
         WebSocketRoute("/api/v1/segmented", websocket.seed_segmented),
@@ -147,12 +153,14 @@ def create_app(
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "PUT", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-                expose_headers=["Location"],
+                allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Upload-Offset"],
+                expose_headers=["Location", "Upload-Offset", "Session-State"],
             ),
         )
-    middleware[:0] = observability.middleware()  # outermost: the server span covers it all
+    middleware[:0] = observability.middleware()  # the server span covers it all
+    # Outermost: every other layer (the span's route, the API key check) sees the origin form.
+    middleware.insert(0, Middleware(AbsoluteFormMiddleware))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -64,6 +64,9 @@ class SessionConfig:
     interim_interval_ms: int = 500
     vad: VadParams = field(default_factory=VadParams)
     trace_id: str | None = None
+    # A cut upload does not end the session: it waits (STREAMER_RESUME_GRACE_SECONDS) for an
+    # upload that continues at the byte offset received (docs/resume.md).
+    resumable: bool = False
 
     def with_format(self, fmt: PcmFormat | None) -> SessionConfig:
         return replace(self, format=fmt)
@@ -220,6 +223,7 @@ def parse_session_config(obj: Any, *, extra_allowed: frozenset[str] = frozenset(
         ),
         vad=parse_vad(obj.get("vad")),
         trace_id=trace_id,
+        resumable=_bool(obj, "resumable", False, "config"),
     )
 
 
@@ -239,4 +243,5 @@ def config_to_dict(config: SessionConfig) -> dict[str, Any]:
         "interim_interval_ms": config.interim_interval_ms,
         "vad": {f.name: getattr(config.vad, f.name) for f in fields(VadParams)},
         "trace_id": config.trace_id,
+        "resumable": config.resumable,
     }

@@ -22,6 +22,11 @@ class ErrorCode(StrEnum):
     SESSION_NOT_FOUND = "session_not_found"
     SESSION_BUSY = "session_busy"
     SESSION_ENDED = "session_ended"
+    # resumable uploads: the Upload-Offset sent is not the number of bytes received; another
+    # worker runs the session (retry: a new connection may reach it)
+    OFFSET_MISMATCH = "offset_mismatch"
+    SESSION_ELSEWHERE = "session_elsewhere"
+    NOT_RESUMABLE = "not_resumable"
     TOO_MANY_SESSIONS = "too_many_sessions"
     SERVER_OVERLOADED = "server_overloaded"
     SHUTTING_DOWN = "shutting_down"
@@ -59,6 +64,9 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.SESSION_NOT_FOUND: 404,
     ErrorCode.SESSION_BUSY: 409,
     ErrorCode.SESSION_ENDED: 409,
+    ErrorCode.OFFSET_MISMATCH: 409,
+    ErrorCode.SESSION_ELSEWHERE: 421,  # RFC 9110 15.5.20 Misdirected Request
+    ErrorCode.NOT_RESUMABLE: 409,
     ErrorCode.TOO_MANY_SESSIONS: 503,
     ErrorCode.SERVER_OVERLOADED: 503,
     ErrorCode.SHUTTING_DOWN: 503,
@@ -100,6 +108,7 @@ _WS_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.IDLE_TIMEOUT: 1008,
     ErrorCode.INTERNAL: 1011,
     ErrorCode.STORE_UNAVAILABLE: 1013,
+    ErrorCode.SESSION_ELSEWHERE: 1013,
 }
 
 
@@ -133,3 +142,15 @@ class StoreUnavailable(StreamerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.STORE_UNAVAILABLE, message)
+
+
+class OffsetMismatch(StreamerError):
+    """A resumed upload that does not start where the received bytes end (tus's 409): it says
+    where to continue, as the ``Upload-Offset`` header and the error body's ``offset``."""
+
+    def __init__(self, offset: int, sent: int) -> None:
+        super().__init__(
+            ErrorCode.OFFSET_MISMATCH,
+            f"Upload-Offset {sent} is not the {offset} bytes received; continue at {offset}",
+        )
+        self.offset = offset

@@ -95,6 +95,9 @@ class Settings:
     max_upload_bytes: int = 2 * 1024**3
     max_config_bytes: int = 64 * 1024
     retention_seconds: float = 300.0
+    # How long a resumable session whose upload was cut waits for an upload that continues it
+    # before it ends (client_disconnected) with everything received processed.
+    resume_grace_seconds: float = 60.0
     sse_ping_seconds: float = 15.0
     sse_send_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0

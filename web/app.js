@@ -313,9 +313,23 @@ function newRun(source) {
 }
 
 async function openSession(r, contentType, pcm = null) {
-  r.upload = createUpload(r.transport.name, { apiKey: r.settings.apiKey, contentType, pcm });
+  r.upload = createUpload(r.transport.name, {
+    apiKey: r.settings.apiKey,
+    contentType,
+    pcm,
+    lastEventId: () => r.events?.lastId ?? 0,
+  });
   const { sessionId } = await r.upload.open(r.settings.config);
   r.upload.onerror = (err) => uploadFailed(r, err);
+  // A dropped connection is resumed by the upload itself; the page says so meanwhile.
+  r.upload.onstatus = (status, why = "") => {
+    if (run !== r) return;
+    ui.app.dataset.upload = status;
+    const label = r.transport.name === "fetch" ? "fetch stream (HTTP/2)" : "WebSocket";
+    ui.transport.textContent = status === "reconnecting" ? `${label} (reconnecting…)` : label;
+    ui.transport.title = status === "reconnecting" ? `connection lost (${why}); resuming` : r.transport.reason;
+  };
+  ui.app.dataset.upload = "open";
   ui.sessionId.textContent = sessionId;
   ui.sessionId.title = sessionId;
   ui.app.dataset.session = sessionId;
@@ -711,6 +725,10 @@ window.streamer = {
   },
   get samplesCaptured() {
     return run?.capture?.samples ?? 0;
+  },
+  /** Times the upload's connection dropped and was resumed. */
+  get uploadResumes() {
+    return run?.upload?.resumes ?? 0;
   },
   reconnectEvents,
 };

@@ -9,16 +9,19 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service.errors import ErrorCode, StreamerError
+from service.errors import ErrorCode, OffsetMismatch, StreamerError
 
 log = logging.getLogger(__name__)
 
 
 def error_response(error: StreamerError, **extra: Any) -> JSONResponse:
-    headers = {"Retry-After": "5"} if error.status == 503 else None
-    return JSONResponse(
-        {"error": error.to_dict(), **extra}, status_code=error.status, headers=headers
-    )
+    headers = {"Retry-After": "5"} if error.status == 503 else {}
+    body: dict[str, Any] = error.to_dict()
+    if isinstance(error, OffsetMismatch):
+        # Where to continue, as tus says it (the header) and in the typed body.
+        headers["Upload-Offset"] = str(error.offset)
+        body["offset"] = error.offset
+    return JSONResponse({"error": body, **extra}, status_code=error.status, headers=headers)
 
 
 async def streamer_error_handler(request: Request, exc: Exception) -> Response:

@@ -1,8 +1,13 @@
-"""``POST``/``PUT /v1/sessions/{id}/audio``: the request body streams into the session.
+"""``POST``/``PUT``/``PATCH /v1/sessions/{id}/audio``: the request body streams into the session;
+``HEAD`` says how many bytes were received (``Upload-Offset``).
 
 Works with HTTP/1.1 chunked (``curl -X POST -T -``), a sized body (``curl -T file``, a PUT) and
 HTTP/2 DATA frames. Bytes are handed on as they arrive; the response comes after the pipeline has
 drained and summarises the session.
+
+A resumable session (``"resumable": true``) whose upload is cut waits for the rest: an upload
+with ``Upload-Offset: N`` (N = the bytes received, as ``HEAD`` tells) continues the same byte
+stream, into the same decoder (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -17,7 +22,20 @@ from service.api.responses import error_response
 from service.api.sessions import links, registry_of
 from service.config import parse_query_format
 from service.errors import ErrorCode, StreamerError
-from service.session.session import EndReason, InputClosed, Session
+from service.session.session import EndReason, InputClosed, Session, Upload
+
+OFFSET_HEADER = "Upload-Offset"
+
+
+def _offset(request: Request) -> int | None:
+    raw = request.headers.get(OFFSET_HEADER)
+    if raw is None:
+        return None
+    if not raw.isdigit():  # RFC 8941 / tus: a non-negative integer, nothing else
+        raise StreamerError(
+            ErrorCode.INVALID_MESSAGE, f"{OFFSET_HEADER} must be a non-negative integer"
+        )
+    return int(raw)
 
 
 async def upload_audio(request: Request) -> Response:
@@ -25,14 +43,39 @@ async def upload_audio(request: Request) -> Response:
     session_id = request.path_params["session_id"]
     registry.local(session_id)  # a malformed id is a 404 before any other complaint
     fmt = parse_query_format(request.query_params)
+    offset = _offset(request)
     # With a shared store this claims the session for this worker, atomically.
-    session = await registry.start(session_id, fmt)
-    complete = await pump(request, session)
-    with anyio.CancelScope(shield=True):
-        await session.done.wait()
-    body = {"id": session.id, **session.status(), **links(request, session.id)}
-    response = error_response(session.error, session=body) if session.error else JSONResponse(body)
-    if not complete and request.scope.get("http_version", "1.1").startswith("1"):
+    if offset is None:
+        session = await registry.start(session_id, fmt)
+    else:
+        try:
+            session = await registry.resume(session_id, offset, fmt)
+        except StreamerError as exc:
+            if exc.code is not ErrorCode.SESSION_ELSEWHERE:
+                raise
+            # The client is to try again on a new connection (RFC 9110 421): close this one,
+            # or its keep-alive would bring the retry back to this worker. (HTTP/2 has no
+            # Connection header; the h2 library would strip it.)
+            refusal = error_response(exc)
+            if _http1(request):
+                refusal.headers["Connection"] = "close"
+            return refusal
+    upload = session.upload  # read before any await: this request's turn at the input
+    assert upload is not None
+    complete = await pump(request, session, upload)
+    if session.awaiting_resume or upload is not session.upload:
+        # Cut (or replaced by a newer upload) and the session waits for the rest: nobody is
+        # likely to read this, and the session's end belongs to the upload that finishes it.
+        body = {"id": session.id, **session.status(), **links(request, session.id)}
+        response: Response = JSONResponse(body, status_code=202)
+    else:
+        with anyio.CancelScope(shield=True):
+            await session.done.wait()
+        body = {"id": session.id, **session.status(), **links(request, session.id)}
+        error = session.error
+        response = error_response(error, session=body) if error else JSONResponse(body)
+    response.headers[OFFSET_HEADER] = str(session.counters.bytes_in)
+    if not complete and _http1(request):
         # Answered before the body ended: on HTTP/1.1 the rest of the body would still arrive on
         # this connection and wedge the next request behind it, so close it after the answer.
         # (HTTP/2 ends just this stream.)
@@ -40,24 +83,43 @@ async def upload_audio(request: Request) -> Response:
     return response
 
 
-async def pump(request: Request, session: Session) -> bool:
+def _http1(request: Request) -> bool:
+    return str(request.scope.get("http_version", "1.1")).startswith("1")
+
+
+async def upload_offset(request: Request) -> Response:
+    """``HEAD``: where an upload continues (tus's offset), and the session's state."""
+    status = await registry_of(request).status(request.path_params["session_id"])
+    state = "awaiting_resume" if status.get("awaiting_resume") else status["state"]
+    headers = {
+        OFFSET_HEADER: str(status.get("upload_offset", 0)),
+        "Session-State": state,
+        "Cache-Control": "no-store",
+    }
+    return Response(status_code=200, headers=headers)
+
+
+async def pump(request: Request, session: Session, upload: Upload | None = None) -> bool:
     """Read the body into the session until it ends, the client leaves, the client sends nothing
-    for the idle timeout, or the session stops taking input (then at once: a client that
-    declared more body than it sends must not keep the answer waiting). Returns whether the
-    whole body was read."""
-    reader = _BodyReader(request, session)
+    for the idle timeout, or the upload stops (then at once: a client that declared more body
+    than it sends must not keep the answer waiting). Returns whether the whole body was read."""
+    upload = upload or session.upload
+    reader = _BodyReader(request, session, upload)
     try:
         async with anyio.create_task_group() as tg:
 
             async def stop_when_input_closes() -> None:
-                await session.input_closed.wait()
+                if upload is None:
+                    await session.input_closed.wait()
+                else:
+                    await upload.stopped.wait()
                 tg.cancel_scope.cancel()
 
             tg.start_soon(stop_when_input_closes)
             tg.start_soon(reader.watch_idle, tg.cancel_scope)
             await reader.read()
             tg.cancel_scope.cancel()
-        if reader.idle:
+        if reader.idle and not session.config.resumable:
             idle = session.runtime.settings.idle_timeout_seconds
             await session.fail_input(
                 StreamerError(
@@ -66,8 +128,10 @@ async def pump(request: Request, session: Session) -> bool:
                 EndReason.IDLE_TIMEOUT,
             )
     finally:
-        # Whatever happened (including cancellation), the session must not wait for more input.
-        session.close_input(EndReason.CLIENT_DISCONNECTED)
+        # Whatever happened (including cancellation), the session must not wait for this
+        # upload's input: it ends, or (resumable) waits for an upload that continues it. A
+        # resumable session's silent client counts as cut, for the same reason.
+        session.detach_input(upload)
     return reader.complete
 
 
@@ -78,9 +142,10 @@ class _BodyReader:
     ``time.monotonic`` (asyncio's own), read directly: ``anyio.current_time`` looks up the
     running backend on every call."""
 
-    def __init__(self, request: Request, session: Session) -> None:
+    def __init__(self, request: Request, session: Session, upload: Upload | None) -> None:
         self.request = request
         self.session = session
+        self.upload = upload
         self.complete = False
         self.idle = False
         self.last = time.monotonic()
@@ -97,19 +162,21 @@ class _BodyReader:
 
     async def read(self) -> None:
         receive = self.request.receive
-        session = self.session
+        session, upload = self.session, self.upload
         try:
             while True:
                 message = await receive()
                 self.last = time.monotonic()
                 if message["type"] == "http.disconnect":
-                    session.close_input(EndReason.CLIENT_DISCONNECTED)
+                    session.detach_input(upload)
                     self.complete = True  # nothing more will arrive on this connection
                     return
                 body: bytes = message.get("body", b"")
                 if body:
-                    await session.write(body)
+                    await session.write(body, upload)
                 if not message.get("more_body", False):
+                    if upload is not None and upload is not session.upload:
+                        return  # superseded: its end is not the stream's
                     session.close_input(EndReason.COMPLETED)
                     self.complete = True
                     return

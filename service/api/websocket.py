@@ -9,7 +9,8 @@ results of every byte received outlive a client that leaves (readable on SSE by 
 
 How a connection ends:
 - the client closes or vanishes: the current session's input ends (``client_disconnected``), its
-  pipeline drains into the log; nothing more can be sent.
+  pipeline drains into the log; nothing more can be sent. A resumable session instead waits for
+  a ``resume`` (here or over HTTP) for the grace period.
 - stop with ``disconnect`` / ``CloseStream``: the input ends, every result is sent, close 1000.
 - a fatal error (unsupported format, capacity, a session that failed decoding, idle timeout,
   shutdown): an ``error`` event, the results so far, then the error's close code.
@@ -38,17 +39,18 @@ from service.api.ws_protocol import (
     Dialect,
     Finalize,
     KeepAlive,
+    Resume,
     Start,
     Stop,
     parse_text,
     partial_sample_error,
 )
 from service.config import SessionConfig, config_to_dict
-from service.errors import ErrorCode, StoreUnavailable, StreamerError
+from service.errors import ErrorCode, OffsetMismatch, StoreUnavailable, StreamerError
 from service.events.encode import to_json
 from service.events.types import Error
 from service.session.registry import Registry
-from service.session.session import EndReason, InputClosed, Session
+from service.session.session import EndReason, InputClosed, Session, Upload
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ _FATAL = frozenset(
         ErrorCode.SESSION_NOT_FOUND,
         ErrorCode.SESSION_BUSY,
         ErrorCode.SESSION_ENDED,
+        ErrorCode.SESSION_ELSEWHERE,
+        ErrorCode.NOT_RESUMABLE,
         ErrorCode.IDLE_TIMEOUT,
         ErrorCode.INTERNAL,
         ErrorCode.STORE_UNAVAILABLE,
@@ -90,9 +94,12 @@ class _Frame:
 
 @dataclass(frozen=True, slots=True)
 class _Follow:
-    """Send this session's log, to its end."""
+    """Send this session's log, to its end (after event ``after``: a resumed session)."""
 
     session: Session
+    after: int = 0
+    # This connection's upload into it (a resumable session: followed only while it lasts).
+    upload: Upload | None = None
 
 
 _Outgoing = _Frame | _Follow
@@ -111,6 +118,7 @@ class Connection:
         self.settings = registry.runtime.settings
         self.config: SessionConfig | None = None  # from the last start; reused after a flush
         self.current: Session | None = None  # the session taking audio now
+        self.upload: Upload | None = None  # this connection's turn at the current session
         self.closing = False
         self.gone = False  # the client left: nothing can be sent any more
         self.dropped = False  # ... because a send to it blocked past the send timeout
@@ -178,6 +186,9 @@ class Connection:
                 await self._open()  # now, so that `started` can name the session
             # The seed's routes open it with the first audio frame: a start that is replaced
             # before any audio leaves no empty session (and no `empty_audio` error) behind.
+        elif isinstance(command, Resume):
+            self._flush()
+            await self._resume(command)
         elif isinstance(command, Stop):
             self._flush()
             if command.disconnect:
@@ -215,7 +226,7 @@ class Connection:
         # A write that waits for room is delivered even if the sender cancels this task
         # meanwhile (dropping a client that stopped reading): Session.write sees to that.
         with contextlib.suppress(InputClosed):
-            await self.current.write(data)
+            await self.current.write(data, self.upload)
 
     async def _open(self) -> None:
         assert self.config is not None
@@ -236,31 +247,54 @@ class Connection:
         self.config = session.config
         self._adopt(session)
 
-    def _adopt(self, session: Session) -> None:
+    async def _resume(self, command: Resume) -> None:
+        """Continue a resumable session whose upload was cut (here or over HTTP). A wrong offset
+        is answered with the right one (``offset_mismatch``, not fatal: resume again there)."""
+        try:
+            session = await self.registry.resume(command.session_id, command.offset)
+        except OffsetMismatch as exc:
+            frame = Error(exc.code.value, exc.message).to_dict()
+            self._enqueue(_Frame({**frame, "offset": exc.offset}))
+            return
+        except StreamerError as exc:
+            await self._error(exc)
+            return
+        self.config = session.config
+        self._adopt(session, resumed=command)
+
+    def _adopt(self, session: Session, resumed: Resume | None = None) -> None:
         if self.closing:
-            session.close_input(EndReason.COMPLETED)
+            if resumed is None:
+                session.close_input(EndReason.COMPLETED)
+            else:
+                session.detach_input(session.upload)  # it waits for another resume
             return
         self.current = session
+        self.upload = session.upload
         if self.dialect.extended:
             base = _http_base(self.ws)
-            self._enqueue(
-                _Frame(
-                    {
-                        "type": "started",
-                        "session_id": session.id,
-                        "events_url": f"{base}/v1/sessions/{session.id}/events",
-                        "config": config_to_dict(session.config),
-                        "channel": None,
-                    }
-                )
-            )
-        self._enqueue(_Follow(session))
+            started: dict[str, Any] = {
+                "type": "started",
+                "session_id": session.id,
+                "events_url": f"{base}/v1/sessions/{session.id}/events",
+                "config": config_to_dict(session.config),
+                "channel": None,
+            }
+            if resumed is not None:
+                started |= {"resumed": True, "offset": session.counters.bytes_in}
+            self._enqueue(_Frame(started))
+        self._enqueue(_Follow(session, resumed.last_event_id if resumed else 0, self.upload))
 
     def _flush(self, reason: EndReason = EndReason.COMPLETED) -> None:
-        """End the current session's input: its pipeline drains every byte into its log."""
+        """End the current session's input: its pipeline drains every byte into its log. A
+        client gone leaves a resumable session waiting for a resume instead."""
         if self.current is not None:
-            self.current.close_input(reason)
+            if reason is EndReason.CLIENT_DISCONNECTED:
+                self.current.detach_input(self.upload)
+            else:
+                self.current.close_input(reason)
             self.current = None
+            self.upload = None
 
     async def _error(self, error: StreamerError) -> None:
         await self._report(error)
@@ -281,7 +315,11 @@ class Connection:
             ErrorCode.IDLE_TIMEOUT,
             f"nothing received for {idle:g} s (send KeepAlive to hold an idle connection open)",
         )
-        if self.current is not None:
+        if self.current is not None and self.current.config.resumable:
+            # Silent as if cut: the session waits for a resume; the error is the connection's.
+            self._flush(EndReason.CLIENT_DISCONNECTED)
+            self._enqueue(_Frame(Error(error.code.value, error.message).to_dict()))
+        elif self.current is not None:
             await self.current.fail_input(error, EndReason.IDLE_TIMEOUT)
         else:
             await self._report(error)
@@ -350,9 +388,8 @@ class Connection:
                     await self._send(item.data)
                     continue
                 try:
-                    async for event in item.session.log.follow():
-                        if self.dialect.forwards(event.type):
-                            await self._send(event.data)
+                    if await self._follow(item):
+                        continue  # it goes on without this connection: nothing ended
                 except StoreUnavailable as exc:
                     # The shared store failed (bounded retries): say so, close with 1013.
                     await self._send(Error(exc.code.value, exc.message).to_dict())
@@ -368,6 +405,38 @@ class Connection:
             await anyio.sleep(CLOSE_TIMEOUT_S)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
+
+    async def _follow(self, item: _Follow) -> bool:
+        """Send the session's log to its end. A resumable session is followed only while this
+        connection feeds it: once cut here (idle) or resumed elsewhere, its results go to the
+        upload that continues it; returns True then."""
+        session, upload = item.session, item.upload
+        left = False
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_left() -> None:
+                nonlocal left
+                assert upload is not None
+                await upload.stopped.wait()
+                if session.awaiting_resume or session.upload is not upload:
+                    left = True
+                    tg.cancel_scope.cancel()
+
+            if upload is not None and session.config.resumable:
+                tg.start_soon(stop_when_left)
+            async for event in session.log.follow(item.after):
+                if self.dialect.forwards(event.type):
+                    await self._send(event.data)
+            tg.cancel_scope.cancel()
+        if left and session is self.current:
+            # Resumed on another connection while this one still fed it.
+            self.current, self.upload = None, None
+            error = StreamerError(
+                ErrorCode.SESSION_BUSY, "another connection resumed this session; closing"
+            )
+            await self._send(Error(error.code.value, error.message).to_dict())
+            self._begin_close(POLICY_VIOLATION, "superseded")
+        return left
 
     def _session_ended(self, session: Session) -> None:
         error = session.error

@@ -22,6 +22,7 @@ from service.errors import ErrorCode, StreamerError
 SEED_EVENT_TYPES = frozenset({"segment", "active", "inactive", "error"})
 _SEED_START_FIELDS = frozenset({"request", "format", "interim_results", "trace_id"})
 _STOP_FIELDS = frozenset({"request", "disconnect"})
+_RESUME_FIELDS = frozenset({"request", "id", "offset", "last_event_id"})
 CONTROL_TYPES = ("KeepAlive", "Finalize", "CloseStream")
 
 
@@ -51,6 +52,16 @@ class Start:
 
 
 @dataclass(frozen=True, slots=True)
+class Resume:
+    """``/v1/ws`` only: continue a resumable session whose upload was cut, at byte ``offset``
+    of its audio (the bytes received); its events follow from after ``last_event_id``."""
+
+    session_id: str
+    offset: int
+    last_event_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """Flush the current session; with ``disconnect``, close after its results are sent.
     Without, audio that follows starts a new session with the same config (as the seed does)."""
@@ -73,7 +84,7 @@ class CloseStream:
     """Deepgram's name for a stop with disconnect."""
 
 
-Command = Start | Stop | KeepAlive | Finalize | CloseStream
+Command = Start | Resume | Stop | KeepAlive | Finalize | CloseStream
 
 
 def _invalid(message: str) -> StreamerError:
@@ -101,7 +112,10 @@ def parse_message(obj: Any, dialect: Dialect) -> Command:
             return Start(parse_start(obj, dialect))
         if request == "stop":
             return _parse_stop(obj)
-        raise _invalid(f'"request" must be "start" or "stop", got {request!r}')
+        if request == "resume" and dialect.extended:
+            return _parse_resume(obj)
+        requests = '"start", "stop" or "resume"' if dialect.extended else '"start" or "stop"'
+        raise _invalid(f'"request" must be {requests}, got {request!r}')
     # KeepAlive is harmless on the seed's routes too, and lets a seed-era client that pauses
     # longer than the idle timeout keep its connection.
     if "type" in obj and (dialect.extended or obj["type"] == "KeepAlive"):
@@ -145,6 +159,24 @@ def _parse_stop(obj: Mapping[str, Any]) -> Stop:
     if not isinstance(disconnect, bool):
         raise _invalid("stop.disconnect must be true or false")
     return Stop(disconnect)
+
+
+def _parse_resume(obj: Mapping[str, Any]) -> Resume:
+    unknown = sorted(set(obj) - _RESUME_FIELDS)
+    if unknown:
+        raise StreamerError(
+            ErrorCode.UNKNOWN_FIELD, f"unknown field in resume: {', '.join(unknown)}"
+        )
+    session_id = obj.get("id")
+    if not isinstance(session_id, str):
+        raise _invalid("resume.id must be the session id (a string)")
+    numbers = []
+    for key, required in (("offset", True), ("last_event_id", False)):
+        value = obj.get(key, None if required else 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _invalid(f"resume.{key} must be a non-negative integer")
+        numbers.append(value)
+    return Resume(session_id, numbers[0], numbers[1])
 
 
 def _parse_control(obj: Mapping[str, Any]) -> Command:

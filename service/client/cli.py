@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "possible)",
     )
     send.add_argument(
+        "--resume",
+        action="store_true",
+        help="create the session resumable; when the upload's connection is cut, continue it "
+        "where the server's bytes end, and reconnect the events after the last one seen",
+    )
+    send.add_argument(
         "--chunk-ms",
         type=int,
         default=100,
@@ -158,6 +164,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         config["mode"] = args.mode
     if args.interim:
         config["interim_results"] = True
+    if args.resume:
+        config["resumable"] = True
 
     raw: RawFormat | None = None
     if args.raw is not None:
@@ -194,6 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         quiet=args.quiet,
         retries=args.retry,
         retry_delay_s=args.retry_delay,
+        resume=args.resume,
     )
 
 

@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup
 
 from service.client.options import ClientFailure, Options, Outcome
 from service.client.render import Renderer
+from service.client.resume import ReplayBuffer, server_offset
 from service.client.retry import Retry
 from service.client.sse import iter_sse
 
@@ -94,10 +95,18 @@ async def run_http(
                     raise ClientFailure(f"subscribing to events failed: {describe_error(events)}")
                 ended = anyio.Event()
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(
-                        _upload, uploader, created["audio_url"], audio, outcome, ended, tg
-                    )
-                    await _follow(events, renderer, outcome)
+                    if opts.resume:
+                        tg.start_soon(
+                            _upload_resuming, uploader, created["audio_url"], audio, renderer,
+                            outcome, ended, tg,
+                        )  # fmt: skip
+                        last = await _follow(events, renderer, outcome, resuming=True)
+                        await _follow_again(client, created["events_url"], last, renderer, outcome)
+                    else:
+                        tg.start_soon(
+                            _upload, uploader, created["audio_url"], audio, outcome, ended, tg
+                        )
+                        await _follow(events, renderer, outcome)
                     ended.set()
                     tg.cancel_scope.cancel()
         except httpx.HTTPError as exc:
@@ -108,9 +117,18 @@ def _text(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _follow(events: httpx.Response, renderer: Renderer, outcome: Outcome) -> None:
+async def _follow(
+    events: httpx.Response,
+    renderer: Renderer,
+    outcome: Outcome,
+    resuming: bool = False,
+    last: str | None = None,
+) -> str | None:
+    """Render events until ``end``; returns the id of the last one seen. ``resuming``: a
+    stream that fails is not a failure yet (``_follow_again`` picks it up)."""
     try:
         async for message in iter_sse(events.aiter_lines()):
+            last = message.id or last
             try:
                 event = json.loads(message.data)
             except json.JSONDecodeError:
@@ -118,11 +136,39 @@ async def _follow(events: httpx.Response, renderer: Renderer, outcome: Outcome) 
                 continue
             renderer.event(event)
             if outcome.observe(event):
-                return
+                return last
     except httpx.HTTPError as exc:
-        outcome.failure = outcome.failure or f"the event stream failed: {_text(exc)}"
-        return
-    outcome.failure = outcome.failure or "the event stream closed before the session ended"
+        if not resuming:
+            outcome.failure = outcome.failure or f"the event stream failed: {_text(exc)}"
+            return last
+    if not resuming:
+        outcome.failure = outcome.failure or "the event stream closed before the session ended"
+    return last
+
+
+async def _follow_again(
+    client: httpx.AsyncClient, url: str, last: str | None, renderer: Renderer, outcome: Outcome
+) -> None:
+    """``--resume``: until ``end`` is seen, reconnect the event stream after the last event
+    received (``Last-Event-ID``), as a browser's EventSource does."""
+    attempt = 0
+    while outcome.end is None:
+        attempt += 1
+        if attempt > 20:
+            outcome.failure = outcome.failure or "the event stream kept failing"
+            return
+        await anyio.sleep(min(0.1 * attempt, 2.0))
+        headers = {"Last-Event-ID": last} if last is not None else {}
+        try:
+            async with client.stream("GET", url, headers=headers) as events:
+                if events.status_code != 200:
+                    await events.aread()
+                    outcome.failure = f"the event stream failed: {describe_error(events)}"
+                    return
+                renderer.note(f"event stream reconnected after event {last}")
+                last = await _follow(events, renderer, outcome, resuming=True, last=last)
+        except httpx.HTTPError:
+            continue
 
 
 async def _upload(
@@ -148,3 +194,65 @@ async def _upload(
     if not ended.is_set():
         outcome.failure = problem
         tg.cancel_scope.cancel()
+
+
+async def _upload_resuming(
+    client: httpx.AsyncClient,
+    url: str,
+    audio: AsyncIterable[bytes],
+    renderer: Renderer,
+    outcome: Outcome,
+    ended: anyio.Event,
+    tg: TaskGroup,
+) -> None:
+    """``--resume``: upload; when the connection fails, ask where the server's bytes end and
+    upload the rest from there (``Upload-Offset``), until one upload finishes the audio."""
+    replay = ReplayBuffer(audio)
+    tg.start_soon(replay.fill)  # reads on while the connection is down
+    offset, cuts = 0, 0
+    problem = "the session did not end after the upload"
+    while True:
+        if not replay.holds(offset):
+            problem = f"cannot resume at byte {offset}: no longer at hand"
+            break
+        headers = {"Upload-Offset": str(offset)}
+        try:
+            response = await client.post(url, content=replay.from_offset(offset), headers=headers)
+        except httpx.HTTPError as exc:
+            cuts += 1
+            renderer.note(f"upload cut at byte {replay.read} ({_text(exc)}); resuming")
+            try:
+                offset, state = await server_offset(client, url, renderer.note)
+            except ClientFailure as failure:
+                problem = str(failure)
+                break
+            if state == "ended":
+                problem = "the session ended before the upload could resume"
+                break
+            continue
+        code = _error_code(response)
+        if response.status_code == 409 and code == "offset_mismatch":
+            offset = int(response.headers.get("upload-offset", "0"))
+            continue
+        if response.status_code == 421 and code == "session_elsewhere" and cuts < 50:
+            cuts += 1  # another worker took the connection: a new one may reach the owner
+            await anyio.sleep(0.05)
+            continue
+        if response.status_code >= 400:
+            problem = f"upload failed: {describe_error(response)}"
+        elif cuts:
+            renderer.note(f"upload finished after {cuts} resume(s)")
+        break
+    with anyio.move_on_after(END_AFTER_UPLOAD_S):
+        await ended.wait()
+    if not ended.is_set():
+        outcome.failure = problem
+        tg.cancel_scope.cancel()
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None

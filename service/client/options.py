@@ -55,6 +55,7 @@ class Options:
     quiet: bool = False
     retries: int = 0  # --retry: times to ask again when turned away for now (503 / 1013)
     retry_delay_s: float | None = None  # --retry-delay: instead of the server's Retry-After
+    resume: bool = False  # --resume: a cut upload continues where the server's bytes end
 
     @property
     def headers(self) -> dict[str, str]:

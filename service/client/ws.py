@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from service.client.options import ClientFailure, Options, Outcome
 from service.client.render import Renderer
+from service.client.resume import RESUME_BACKOFF_S, RESUME_PATIENCE_S, ReplayBuffer
 from service.client.retry import RETRY_LATER, Retry
 
 CONNECT_TIMEOUT_S = 10.0
@@ -31,6 +32,9 @@ async def run_ws(
     opts: Options, audio: AsyncIterable[bytes], renderer: Renderer, outcome: Outcome
 ) -> None:
     url = ws_url(opts.url)
+    if opts.resume:
+        await _run_resuming(url, opts, audio, renderer, outcome)
+        return
     retry = Retry(opts.retries, opts.retry_delay_s, renderer.note)
     while True:
         refusal = await _connect(url, opts, audio, renderer, outcome)
@@ -117,6 +121,166 @@ async def _receive(
     except ConnectionClosed:
         pass
     code, reason = ws.close_code, ws.close_reason
+    outcome.failure = f"the connection closed before the session ended (code {code}" + (
+        f": {reason})" if reason else ")"
+    )
+    return None
+
+
+class _Cut(Exception):
+    """The connection dropped (not closed by the server) while the session was live."""
+
+
+class _Resumable:
+    """``--resume`` over the WebSocket: the session's progress across connections."""
+
+    def __init__(self, audio: AsyncIterable[bytes]) -> None:
+        self.replay = ReplayBuffer(audio)
+        self.session_id: str | None = None
+        self.events = 0  # events of the session received: the last one's id in its log
+        self.connections = 0  # connections that started or resumed the session
+
+
+async def _run_resuming(
+    url: str, opts: Options, audio: AsyncIterable[bytes], renderer: Renderer, outcome: Outcome
+) -> None:
+    """Start the session; whenever the connection drops, reconnect and resume it at the offset
+    the server received (``{"request": "resume"}``), until ``end`` arrives."""
+    state = _Resumable(audio)
+    failure: ClientFailure | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(state.replay.fill)  # reads on while the connection is down
+        try:
+            await _resume_while_cut(url, opts, state, renderer, outcome)
+        except ClientFailure as exc:
+            failure = exc  # raised outside the task group, not as an exception group
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
+async def _resume_while_cut(
+    url: str, opts: Options, state: _Resumable, renderer: Renderer, outcome: Outcome
+) -> None:
+    deadline: float | None = None
+    attempt, connections = 0, 0
+    while True:
+        try:
+            await _resuming_connection(url, opts, state, renderer, outcome)
+            return
+        except _Cut as cut:
+            if state.session_id is None:
+                raise ClientFailure(f"the connection to {url} failed: {cut}") from None
+            if state.connections != connections:  # it was resumed since the last cut
+                connections, deadline, attempt = state.connections, None, 0
+            now = anyio.current_time()
+            deadline = deadline if deadline is not None else now + RESUME_PATIENCE_S
+            if now > deadline:
+                outcome.failure = f"the connection could not be resumed: {cut}"
+                return
+            renderer.note(f"connection cut at byte {state.replay.read} ({cut}); resuming")
+            await anyio.sleep(RESUME_BACKOFF_S[min(attempt, len(RESUME_BACKOFF_S) - 1)])
+            attempt += 1
+            continue
+
+
+async def _resuming_connection(
+    url: str, opts: Options, state: _Resumable, renderer: Renderer, outcome: Outcome
+) -> None:
+    try:
+        async with connect(
+            url,
+            additional_headers=opts.headers,
+            compression=None,
+            max_size=None,
+            open_timeout=CONNECT_TIMEOUT_S,
+            proxy=None,
+        ) as ws:
+            if state.session_id is None:
+                await ws.send(json.dumps({**opts.config, "request": "start"}))
+            else:
+                await ws.send(_resume_message(state, state.replay.read))
+            offset: list[int] = []
+            started = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_send_from, ws, state.replay, offset, started)
+                cut = await _receive_resuming(ws, state, renderer, outcome, offset, started)
+                tg.cancel_scope.cancel()
+    except InvalidStatus as exc:
+        raise ClientFailure(f"{url} refused the connection ({exc.response.status_code})") from None
+    except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+        raise _Cut(str(exc) or type(exc).__name__) from None
+    if cut is not None:
+        raise _Cut(cut)
+
+
+def _resume_message(state: _Resumable, offset: int) -> str:
+    return json.dumps(
+        {
+            "request": "resume",
+            "id": state.session_id,
+            "offset": offset,
+            "last_event_id": state.events,
+        }
+    )
+
+
+async def _send_from(
+    ws: ClientConnection, replay: ReplayBuffer, offset: list[int], started: anyio.Event
+) -> None:
+    await started.wait()
+    try:
+        async for chunk in replay.from_offset(offset[0]):
+            await ws.send(chunk)
+        await ws.send(json.dumps({"request": "stop", "disconnect": True}))
+    except ConnectionClosed:
+        return  # the receiver says why
+
+
+async def _receive_resuming(
+    ws: ClientConnection,
+    state: _Resumable,
+    renderer: Renderer,
+    outcome: Outcome,
+    offset: list[int],
+    started: anyio.Event,
+) -> str | None:
+    """The session's events until ``end``; returns why, if the connection was cut."""
+    try:
+        async for message in ws:
+            if isinstance(message, bytes):
+                continue
+            event: dict[str, Any] = json.loads(message)
+            kind = event.get("type")
+            if not started.is_set():
+                if kind == "error" and event.get("code") == "offset_mismatch":
+                    await ws.send(_resume_message(state, int(event["offset"])))
+                    continue
+                if kind == "error":
+                    why = f"{event.get('code')}: {event.get('message')}"
+                    outcome.failure = f"the server refused: {why}"
+                    return None
+                if kind == "started":
+                    if state.session_id is None:
+                        state.session_id = outcome.session_id = event.get("session_id")
+                        renderer.note(f"session {state.session_id} via WebSocket (resumable)")
+                    at = int(event.get("offset", 0))
+                    if not state.replay.holds(at):
+                        outcome.failure = f"cannot resume at byte {at}: no longer at hand"
+                        return None
+                    offset.append(at)
+                    state.connections += 1
+                    started.set()
+                continue
+            state.events += 1
+            renderer.event(event)
+            if outcome.observe(event):
+                return None
+    except ConnectionClosed:
+        pass
+    code, reason = ws.close_code, ws.close_reason
+    if code is None or code == 1006:
+        return f"code {code}"  # dropped, not closed by the server: resume
     outcome.failure = f"the connection closed before the session ended (code {code}" + (
         f": {reason})" if reason else ")"
     )

@@ -18,7 +18,7 @@ from anyio.abc import TaskGroup
 
 from service.config import SessionConfig, config_to_dict
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
-from service.session.session import EndReason, Session, SessionState
+from service.session.session import EndReason, Session, SessionState, published_summary
 from service.store import Lease, Renewal, SessionStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class LeaseKeeper:
         self._owned: dict[str, _Owned] = {}
         self._keeping = False
         self._taking_cancels = False
+        # Set to renew (and publish) at once instead of at the next third of the lease.
+        self._now = anyio.Event()
 
     def __len__(self) -> int:
         return len(self._owned)
@@ -63,6 +65,12 @@ class LeaseKeeper:
 
     def discard(self, session_id: str) -> None:
         self._owned.pop(session_id, None)
+
+    def publish_now(self) -> None:
+        """Renew now, publishing every session's counters: a resumable session's upload was cut,
+        and other workers should report its exact offset. Done by the keeper itself, so no
+        renewal computed before the cut can land after it and publish stale counters."""
+        self._now.set()
 
     async def _renew_all(self) -> None:
         """The worker's heartbeat, one task for all the sessions it runs: every third of the
@@ -105,7 +113,9 @@ class LeaseKeeper:
                         self._renewed(owned, lease, began, config)
                 if missed:
                     self._expire(missed, StoreUnavailable("Redis refused to renew the lease"))
-                await anyio.sleep(max(0.0, began + interval - time.monotonic()))
+                with anyio.move_on_after(max(0.0, began + interval - time.monotonic())):
+                    await self._now.wait()
+                self._now = anyio.Event()
         except Exception:
             # A bug here leaves this worker's sessions without leases: end them, as a bug in a
             # pipeline stage ends its session, rather than let other workers declare them lost.
@@ -122,7 +132,7 @@ class LeaseKeeper:
         try:
             changed = config is not owned.config_sent
             return Renewal(
-                session.id, session.summary(), config_to_dict(config) if changed else None
+                session.id, published_summary(session), config_to_dict(config) if changed else None
             )
         except Exception:
             # A bug here must end this session only, as a bug in a pipeline stage does.

@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from service.config import PcmFormat, SessionConfig
-from service.errors import ErrorCode, StoreUnavailable, StreamerError
+from service.errors import ErrorCode, OffsetMismatch, StoreUnavailable, StreamerError
 from service.events.log import EventLog
 from service.runtime import Runtime
 from service.session.leases import LeaseKeeper
@@ -195,6 +195,8 @@ class Registry:
         claimed_at = time.monotonic()  # the lease is at least this fresh
         claim = await self.store.claim(session_id)
         session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)
+        # A cut upload: other workers should report its exact offset (HEAD) at once.
+        session.on_detach = self._leases.publish_now
         self._add(session)
         receive = session.open_input(fmt)
         # The times every worker reports, not this process's clock readings a moment later.
@@ -202,6 +204,36 @@ class Registry:
         self._tg.start_soon(
             self._run_owned, session, receive, claimed_at, name=f"session {session.id}"
         )
+        return session
+
+    async def resume(self, session_id: str, offset: int, fmt: PcmFormat | None = None) -> Session:
+        """An upload that continues a resumable session at byte ``offset`` (``Upload-Offset``);
+        the caller then writes bytes from ``session.upload``. An unstarted session starts here
+        (offset 0). With a shared store only the worker running the pipeline can continue it
+        (its decoder's state is in that process): elsewhere this raises ``session_elsewhere``,
+        which a client answers by retrying on a new connection."""
+        if not self.accepting:
+            raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        session = self.local(session_id)
+        if session is None and self.store.shared:
+            state = (await self.store.status(session_id))["state"]
+            if state == "created":
+                if offset != 0:
+                    raise OffsetMismatch(0, offset)
+                return await self.start(session_id, fmt)
+            if state == "running":
+                raise StreamerError(
+                    ErrorCode.SESSION_ELSEWHERE,
+                    "another worker runs this session's pipeline; retry on a new connection",
+                )
+            raise StreamerError(ErrorCode.SESSION_ENDED, "this session has ended; create a new one")
+        if session is None:
+            session = self.get(session_id)
+        if session.state is SessionState.CREATED:
+            if offset != 0:
+                raise OffsetMismatch(0, offset)
+            return await self.start(session_id, fmt)
+        await session.resume_input(offset)
         return session
 
     async def status(self, session_id: str) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from service.audio.chunk import AudioChunk, ChunkSink
 from service.audio.decoder import DecodeResult, decode
 from service.audio.source import Doorbell
 from service.config import MODEL_SAMPLE_RATE, PcmFormat, SessionConfig, config_to_dict
-from service.errors import ErrorCode, StoreUnavailable, StreamerError
+from service.errors import ErrorCode, OffsetMismatch, StoreUnavailable, StreamerError
 from service.events.log import EventLog
 from service.events.types import End, Error, Event, Segment
 from service.model.simple import simple_stage
@@ -63,6 +64,18 @@ class InputClosed(Exception):
     """The session no longer takes audio (its pipeline ended or was stopped)."""
 
 
+@dataclass(eq=False)
+class Upload:
+    """One connection's turn at feeding a session. A resumable session's upload can be
+    superseded by one that continues it (the old connection may not have noticed yet that its
+    client is gone): the old one's late bytes are then refused, so nothing arrives twice."""
+
+    number: int
+    # Set when this upload may feed no more (superseded, or the session's input closed): its
+    # transport stops reading.
+    stopped: anyio.Event = field(default_factory=anyio.Event)
+
+
 @dataclass
 class Counters:
     bytes_in: int = 0
@@ -87,6 +100,12 @@ def summarize(c: Counters, d: DecodeResult | None) -> dict[str, Any]:
         "container": d.container if d else None,
         "codec": d.codec if d else None,
     }
+
+
+def published_summary(session: Session) -> dict[str, Any]:
+    """What a shared store publishes for status on other workers: the summary, and whether a
+    resumable session is waiting for its upload."""
+    return {**session.summary(), "awaiting_resume": session.awaiting_resume}
 
 
 class Session:
@@ -120,6 +139,14 @@ class Session:
         # Decoded audio and decoding work not yet reported to the observer (see _decoded).
         self._unreported = (0, 0.0)
         self._vad: VadStage | None = None  # segmented mode, once the pipeline runs
+        # The upload feeding the input now; None while a resumable session waits for one.
+        self.upload: Upload | None = None
+        self._uploads = 0
+        self._detached_at: float | None = None  # time.monotonic() its last upload was cut
+        self._upload_changed = anyio.Event()  # replaced after each set (one per change)
+        self._sent = anyio.Event()  # set when a write that waited for room is delivered
+        # Called when a resumable session's upload is cut (the registry publishes the offset).
+        self.on_detach: Callable[[], None] | None = None
 
     # -- ingest side ---------------------------------------------------------------------------
 
@@ -134,6 +161,7 @@ class Session:
         # A few chunks of slack; past that the uploader waits (TCP/HTTP2 flow control).
         send, receive = anyio.create_memory_object_stream[bytes](8)
         self._input = send
+        self._new_upload()
         self.state = SessionState.RUNNING
         self.started_at = time.time()
         self._t0 = time.monotonic()
@@ -141,9 +169,94 @@ class Session:
         self.runtime.observer.session_started(self)
         return receive
 
-    async def write(self, data: bytes) -> None:
-        """Feed upload bytes. Raises :class:`InputClosed` once the session takes no more."""
+    @property
+    def awaiting_resume(self) -> bool:
+        return self._detached_at is not None and not self.input_closed.is_set()
+
+    def _new_upload(self) -> Upload:
+        self._uploads += 1
+        self.upload = Upload(self._uploads)
+        self._detached_at = None
+        self._changed()
+        return self.upload
+
+    def _changed(self) -> None:
+        self._upload_changed.set()
+        self._upload_changed = anyio.Event()
+
+    async def resume_input(self, offset: int) -> Upload:
+        """Continue a resumable session's input with a new upload, whose first byte is byte
+        ``offset`` of the stream: it must be the number of bytes received (:class:`OffsetMismatch`
+        otherwise). The decoder never stopped, so the stream goes on where it was cut."""
+        if not self.config.resumable:
+            raise StreamerError(
+                ErrorCode.NOT_RESUMABLE,
+                'this session was not created resumable ("resumable": true); create a new one',
+            )
+        if self.state is SessionState.CREATED:
+            raise StreamerError(ErrorCode.SESSION_NOT_FOUND, "this session has no upload yet")
+        while self._sending:  # a chunk in hand-off is counted already, but let it land first
+            await self._sent.wait()
+        if self.state is SessionState.ENDED or self.input_closed.is_set():
+            # Ended, or ending: its input closed, or the decoder stopped (the audio's own end)
+            raise StreamerError(ErrorCode.SESSION_ENDED, "this session has ended; create a new one")
+        if offset != self.counters.bytes_in:
+            raise OffsetMismatch(self.counters.bytes_in, offset)
+        old = self.upload
+        upload = self._new_upload()
+        if old is not None:
+            old.stopped.set()  # superseded: whatever it still reads is refused (write)
+        log.info(
+            "upload resumed",
+            extra={"session_id": self.id, "offset": offset, "superseded": old is not None},
+        )
+        return upload
+
+    def detach_input(self, upload: Upload | None) -> None:
+        """``upload``'s client is gone (cut, or silent past the idle timeout). A resumable
+        session keeps its pipeline and waits up to the grace period for an upload that resumes
+        it; any other session's input ends (``client_disconnected``)."""
+        if upload is not None and upload is not self.upload:
+            return  # superseded already: the session belongs to a newer upload
+        if not self.config.resumable or self._input is None:
+            self.close_input(EndReason.CLIENT_DISCONNECTED)
+            return
+        if self.input_closed.is_set() or self._detached_at is not None:
+            return  # ending anyway (its input closed, or the decoder reached the audio's end)
+        if upload is not None:
+            upload.stopped.set()
+        self.upload = None
+        self._detached_at = time.monotonic()
+        self._changed()
+        log.info(
+            "upload cut; awaiting resume",
+            extra={"session_id": self.id, "offset": self.counters.bytes_in},
+        )
+        if self.on_detach is not None:
+            self.on_detach()
+
+    async def _expire_abandoned_input(self) -> None:
+        """A resumable session's grace period: the input ends (``client_disconnected``, after
+        everything received is processed) once no upload has fed it for that long."""
+        grace = self.runtime.settings.resume_grace_seconds
+        while not self.input_closed.is_set():
+            changed = self._upload_changed
+            if self._detached_at is None:
+                await changed.wait()
+                continue
+            remaining = self._detached_at + grace - time.monotonic()
+            if remaining <= 0:
+                self.close_input(EndReason.CLIENT_DISCONNECTED)
+                return
+            with anyio.move_on_after(remaining):
+                await changed.wait()
+
+    async def write(self, data: bytes, upload: Upload | None = None) -> None:
+        """Feed upload bytes (from ``upload``, if given: a superseded one's are refused). Raises
+        :class:`InputClosed` once the session (or this upload) takes no more."""
         if self._input is None or self._input_reason is not None:
+            raise InputClosed
+        if upload is not None and upload is not self.upload:
             raise InputClosed
         settings = self.runtime.settings
         room = settings.max_upload_bytes - self.counters.bytes_in
@@ -193,6 +306,8 @@ class Session:
                         await self._input.send(data)
                 finally:
                     self._sending = False
+                    self._sent.set()
+                    self._sent = anyio.Event()
                     if self._input_reason is not None:
                         self._input.close()  # closed while this chunk waited: close now
                     self._arrivals.ring()
@@ -206,6 +321,8 @@ class Session:
         if self._input is not None and not self._sending:
             self._input.close()  # else once the chunk in hand-off is delivered (_send)
             self._arrivals.ring()
+        if self.upload is not None:
+            self.upload.stopped.set()
         self.input_closed.set()
 
     async def fail_input(self, error: StreamerError, reason: EndReason) -> None:
@@ -246,19 +363,13 @@ class Session:
     async def run(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
         try:
             with anyio.CancelScope() as self._scope:
-                async with anyio.create_task_group() as tg:
-                    if self.config.mode == "segmented":
-                        # Decoding feeds the VAD stage directly (no stream, no task between).
-                        speech_send, speech_recv = anyio.create_memory_object_stream[VadOutput](16)
-                        tg.start_soon(self._decode, receive, self._vad_stage(speech_send))
-                    else:
-                        # Simple mode needs an unbuffered hand-off so audio accumulates while
-                        # the model is busy (see model/simple.py).
-                        audio_send, audio_recv = anyio.create_memory_object_stream[AudioChunk](8)
-                        speech_send, speech_recv = anyio.create_memory_object_stream[VadOutput](0)
-                        tg.start_soon(self._decode, receive, audio_send)
-                        tg.start_soon(self._simple, audio_recv, speech_send)
-                    tg.start_soon(self._model, speech_recv)
+                if not self.config.resumable:
+                    await self._pipeline(receive)
+                    return
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(self._expire_abandoned_input)
+                    await self._pipeline(receive)
+                    watch.cancel_scope.cancel()  # the grace period has nothing left to end
         except Exception as exc:  # a bug in a stage must end this session only
             log.exception("session pipeline failed", extra={"session_id": self.id})
             self.error = self.error or StreamerError(ErrorCode.INTERNAL, "internal error")
@@ -269,6 +380,21 @@ class Session:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.finish()
+
+    async def _pipeline(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
+        async with anyio.create_task_group() as tg:
+            if self.config.mode == "segmented":
+                # Decoding feeds the VAD stage directly (no stream, no task between).
+                speech_send, speech_recv = anyio.create_memory_object_stream[VadOutput](16)
+                tg.start_soon(self._decode, receive, self._vad_stage(speech_send))
+            else:
+                # Simple mode needs an unbuffered hand-off so audio accumulates while
+                # the model is busy (see model/simple.py).
+                audio_send, audio_recv = anyio.create_memory_object_stream[AudioChunk](8)
+                speech_send, speech_recv = anyio.create_memory_object_stream[VadOutput](0)
+                tg.start_soon(self._decode, receive, audio_send)
+                tg.start_soon(self._simple, audio_recv, speech_send)
+            tg.start_soon(self._model, speech_recv)
 
     def _vad_stage(self, send: MemoryObjectSendStream[VadOutput]) -> VadStage:
         interval = self.config.interim_interval_ms / 1000 if self.config.interim_results else None
@@ -304,6 +430,8 @@ class Session:
             finally:
                 self._report_decoded()
             self.input_closed.set()
+            if self.upload is not None:
+                self.upload.stopped.set()
 
     def _decoded(self, chunk: AudioChunk, busy_s: float) -> None:
         # The live audio position, for status and the `end` summary (right even when decoding
@@ -404,5 +532,8 @@ class Session:
             "ended_at": self.ended_at,
             "last_event_id": self.log.last_id,
             "config": config_to_dict(self.config),
+            # Bytes received: where a resumed upload continues (HEAD .../audio: Upload-Offset).
+            "upload_offset": self.counters.bytes_in,
+            "awaiting_resume": self.awaiting_resume,
             **self.summary(),
         }

@@ -231,7 +231,9 @@ class RedisStore:
         return self._status(session_id, record)
 
     def _status(self, session_id: str, h: Mapping[str, str]) -> dict[str, Any]:
-        # The same shape as Session.status(); counters are as of the owner's last renewal.
+        # The same shape as Session.status(); counters are as of the owner's last renewal (and
+        # exact while a resumable session waits for its upload: the owner publishes them then).
+        summary = json.loads(h.get("summary") or "{}")
         return {
             "id": session_id,
             "state": h["state"],
@@ -241,7 +243,9 @@ class RedisStore:
             "ended_at": _float(h.get("ended_at")),
             "last_event_id": int(h.get("last_id") or 0),
             "config": json.loads(h["config"]),
-            **json.loads(h.get("summary") or "{}"),
+            **summary,
+            "upload_offset": summary.get("bytes", 0),
+            "awaiting_resume": bool(summary.get("awaiting_resume")) and h["state"] == "running",
         }
 
     async def cancel(self, session_id: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 
@@ -45,12 +46,13 @@ class DroppingProxy:
         with self._lock:
             return [c.sent for c in self.connections if marker in c.sent]
 
-    def drop(self, marker: bytes) -> int:
-        """Cut every open connection whose request contains ``marker``; how many were cut."""
+    def drop(self, marker: bytes, reset: bool = False) -> int:
+        """Cut every open connection whose request contains ``marker``; how many were cut.
+        ``reset``: with a TCP RST both ways (a network that vanished), not a FIN."""
         with self._lock:
             chosen = [c for c in self.connections if marker in c.sent and not c.closed]
         for c in chosen:
-            self._close(c)
+            self._close(c, reset)
         return len(chosen)
 
     def close(self) -> None:
@@ -87,10 +89,19 @@ class DroppingProxy:
                 dst.sendall(data)
         self._close(conn)
 
-    @staticmethod
-    def _close(conn: Connection) -> None:
-        conn.closed = True
+    def _close(self, conn: Connection, reset: bool = False) -> None:
+        with self._lock:
+            if conn.closed:
+                return  # by drop(), or by the pump of the other direction
+            conn.closed = True
         for s in (conn.client, conn.upstream):
             with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+                if reset:
+                    # Closing with a zero linger sends RST; shutting down the reading side
+                    # (which sends nothing) wakes the pump blocked in recv(), without which
+                    # close() would not end the connection.
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.shutdown(socket.SHUT_RD)
+                else:
+                    s.shutdown(socket.SHUT_RDWR)
             s.close()

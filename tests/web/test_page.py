@@ -446,3 +446,85 @@ def test_whisper_text_shows_while_a_file_streams(page: Any, whisper_server: Serv
         if not row["final"] and row["text"] not in ("", "…") and i < final_index[row["start"]]
     ]
     assert early, shown
+
+
+# ---------------------------------------------------------------- resumed uploads (issue 21)
+
+# The page's recording survives a dropped connection: its WebSocket is cut with a TCP reset
+# (through the proxy) mid-recording; the page resumes the session at the offset the service
+# received and sends what it recorded meanwhile.
+WS = b"GET /v1/ws"
+
+
+def test_recording_survives_dropped_websockets(page: Any, http_server: Server) -> None:
+    """The session ends ``completed`` with one final per utterance, and every captured sample
+    reached the service exactly once."""
+    proxy = DroppingProxy(http_server.port).start()
+
+    def cut_twice() -> None:
+        for n in (1, 2):
+            assert proxy.drop(WS, reset=True) == 1
+            page.wait_for_function(
+                "n => window.streamer.uploadResumes >= n", arg=n, timeout=WAIT_MS
+            )
+            assert page.get_attribute("main", "data-upload") == "open"
+            page.wait_for_timeout(700)  # audio flows on the resumed connection before the next cut
+
+    try:
+        page.goto(f"{proxy.url}/")
+        wait_state(page, "idle")
+        result = record(page, "microphone-websocket-resumed", cut_twice, shot_when="#timeline .bar")
+        resumes = proxy.requests(WS)
+    finally:
+        proxy.close()
+    assert len(resumes) == 3  # the first connection and two resumed ones
+    assert page.evaluate("() => window.streamer.uploadResumes") == 2
+    assert_one_final_per_utterance(result)
+    # Every sample captured was received once: bytes sent == 2 x samples == bytes received.
+    assert_sent_as_pcm(page, http_server)
+
+
+def test_stop_during_a_cut_sends_what_was_kept(page: Any, http_server: Server) -> None:
+    """Stop pressed while the connection is down: the kept audio and then the stop go out on the
+    resumed connection; the session still completes with every sample."""
+    proxy = DroppingProxy(http_server.port).start()
+    try:
+        page.goto(f"{proxy.url}/")
+        wait_state(page, "idle")
+        page.click("#record")
+        wait_state(page, "running")
+        wait_finals(page, 1)
+        proxy.drop(WS, reset=True)
+        page.click("#stop")
+        wait_state(page, "ended")
+    finally:
+        proxy.close()
+    assert page.evaluate("() => window.streamer.uploadResumes") == 1
+    assert page.get_attribute("#summary", "data-reason") == "completed"
+    assert_sent_as_pcm(page, http_server)
+
+
+def test_recording_over_http2_fetch_survives_a_dropped_connection(
+    page: Any, https_server: Server
+) -> None:
+    """HTTP/2: one TLS connection carries the page's event stream and its upload; it is reset
+    mid-recording. The EventSource reconnects by itself; the upload asks the service for its
+    offset (HEAD) and streams the rest in a new fetch with Upload-Offset."""
+    proxy = DroppingProxy(https_server.port).start()
+
+    def cut() -> None:
+        assert proxy.drop(b"", reset=True) >= 1  # TLS: every connection, whatever it carries
+        page.wait_for_function("() => window.streamer.uploadResumes >= 1", timeout=WAIT_MS)
+        assert page.get_attribute("main", "data-upload") == "open"
+
+    try:
+        page.goto(f"https://127.0.0.1:{proxy.port}/")
+        wait_state(page, "idle")
+        assert page.locator("#transport").inner_text() == "fetch stream (HTTP/2)"
+        result = record(page, "microphone-fetch-h2-resumed", cut, shot_when="#timeline .bar")
+    finally:
+        proxy.close()
+    assert page.get_attribute("main", "data-transport") == "fetch"
+    assert page.evaluate("() => window.streamer.uploadResumes") == 1
+    assert_one_final_per_utterance(result)
+    assert_sent_as_pcm(page, https_server)
