@@ -83,19 +83,22 @@ class Registry:
             del self._unended[sid]
         return len(self._unended)
 
-    def _check_capacity(self, *, model: bool = True) -> None:
+    def _check_capacity(self, *, model: bool = True, loop: bool = True) -> None:
         if not self.accepting:
             raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        refusal = self._refusal(model=model)
+        refusal = self._refusal(model=model, loop=loop)
         if refusal is not None:
             cause, error = refusal
             self.runtime.observer.session_refused(cause)
             raise error
 
-    def _refusal(self, *, model: bool = True) -> tuple[str, StreamerError] | None:
+    def _refusal(
+        self, *, model: bool = True, loop: bool = True
+    ) -> tuple[str, StreamerError] | None:
         """Why a new session would be turned away now (its cause, for the metric), or None.
         ``model``: also ask whether the model can take it (not for a session already admitted
-        whose upload lands here: see :meth:`start`)."""
+        whose upload lands here: see :meth:`start`). ``loop``: also refuse while the event
+        loop is saturated (not where the pacer makes a new session wait for it instead)."""
         settings = self.runtime.settings
         limit = settings.max_sessions
         if self.live >= limit:
@@ -103,7 +106,7 @@ class Registry:
                 ErrorCode.TOO_MANY_SESSIONS, f"the server holds its maximum of {limit} sessions"
             )
         busy, most = self.runtime.load.busy, settings.admit_max_loop_busy
-        if 0 < most < 1 and busy > most:
+        if loop and 0 < most < 1 and busy > most:
             return "event_loop", _overloaded(
                 f"its event loop was {busy:.0%} busy, the limit is {most:.0%}"
             )
@@ -137,15 +140,19 @@ class Registry:
     async def create(self, config: SessionConfig) -> str:
         """A new session, waiting for its audio; returns its id. While the event loop is busy
         it may first wait its turn (service/session/admission.py)."""
-        self._check_capacity()
         pacer = self.runtime.pacer
+        # With pacing, a busy loop makes a new session wait its turn rather than be refused at
+        # once: during a burst the loop is saturated by the set-ups themselves, and the
+        # sessions turned away would fit a few seconds later.
+        self._check_capacity(loop=not pacer.enabled)
         if pacer.enabled and not await pacer.wait():
             self.runtime.observer.session_refused("event_loop")
             raise _overloaded(
                 f"its event loop stayed over {pacer.pace:.0%} busy for the "
                 f"{pacer.max_wait_s:g} s this session waited"
             )
-        self._check_capacity()  # again: things may have changed while it waited
+        # Again, for what may have changed while it waited (the loop: the pacer just said).
+        self._check_capacity(loop=not pacer.enabled)
         session_id = new_session_id()
         if self.store.shared:
             # No pipeline yet: whichever worker receives the audio will run it.

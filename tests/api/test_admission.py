@@ -26,7 +26,11 @@ LIMIT = 0.2
 
 @pytest.fixture
 def shedding(tmp_path: Path) -> Iterator[Server]:
-    s = start_server(tmp_path, env={"STREAMER_ADMIT_MAX_LOOP_BUSY": str(LIMIT)})
+    # Pacing off: this is the hard gate, which refuses at once.
+    s = start_server(
+        tmp_path,
+        env={"STREAMER_ADMIT_MAX_LOOP_BUSY": str(LIMIT), "STREAMER_ADMIT_PACE_LOOP_BUSY": "0"},
+    )
     yield s
     stop_server(s)
 
@@ -103,3 +107,57 @@ async def test_a_busy_server_turns_new_sessions_away_and_keeps_the_one_it_runs(
                 await anyio.sleep(0.1)
             metrics = (await client.get("/metrics")).text
     assert f'streamer_errors_total{{code="server_overloaded"}} {refusals:.1f}' in metrics
+
+
+async def test_a_busy_loop_makes_new_sessions_wait_their_turn_then_refuses(
+    tmp_path: Path,
+) -> None:
+    """Pacing: while a fast upload keeps the loop over the mark, a new session's POST waits
+    instead of being refused: refused (503) only after STREAMER_ADMIT_WAIT_SECONDS, and
+    admitted, late, when the load goes within that time."""
+    server = start_server(
+        tmp_path,
+        env={"STREAMER_ADMIT_PACE_LOOP_BUSY": str(LIMIT), "STREAMER_ADMIT_WAIT_SECONDS": "1.5"},
+    )
+    pcm = _pcm()
+    stop = anyio.Event()
+
+    async def audio() -> AsyncIterator[bytes]:
+        while not stop.is_set():
+            for i in range(0, len(pcm), 3200):
+                yield pcm[i : i + 3200]
+
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            with anyio.fail_after(60):
+                running = (await client.post("/v1/sessions")).json()
+                url = running["audio_url"] + "?encoding=s16le&sample_rate=16000&channels=1"
+
+                async def upload() -> None:
+                    await client.post(url, content=audio())
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(upload)
+                    while await _busy(client) <= LIMIT + 0.1:
+                        await anyio.sleep(0.1)
+                    t0 = anyio.current_time()
+                    refused = await client.post("/v1/sessions")
+                    waited = anyio.current_time() - t0
+                    assert_clean_error(refused, 503, "server_overloaded")
+                    assert "waited" in refused.json()["error"]["message"]
+                    assert 1.4 <= waited < 10, waited
+
+                    # One that arrives now, while the load goes within its wait: admitted.
+                    async def end_load_soon() -> None:
+                        await anyio.sleep(0.3)
+                        stop.set()
+
+                    tg.start_soon(end_load_soon)
+                    t0 = anyio.current_time()
+                    admitted = await client.post("/v1/sessions")
+                    assert admitted.status_code == 201, admitted.text
+                    assert anyio.current_time() - t0 >= 0.25  # it waited its turn
+                metrics = (await client.get("/metrics")).text
+        assert 'streamer_sessions_refused_total{cause="event_loop"} 1.0' in metrics
+    finally:
+        stop_server(server)
