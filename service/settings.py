@@ -60,18 +60,18 @@ class Settings:
 
     # Limits.
     max_sessions: int = 1000
-    # New sessions get 503 server_overloaded while the event loop was busier than this over the
-    # last 2 s (0 < x < 1; 0 or 1: never), so that the streams already running keep up rather
-    # than all falling behind together. 0.95 only sheds a saturated loop; 0.85 keeps the
-    # admitted streams' p99 lag under 250 ms here, but refuses part of a burst of new sessions
-    # that the server could then hold (BENCHMARKS.md, service/observability/loop.py).
-    admit_max_loop_busy: float = 0.95
-    # Before that: while the loop was busier than this over its last 0.3 s, a new session waits
-    # its turn (up to admit_wait_seconds, then 503) and each 0.1 s lets in what the loop's
+    # While the loop was busier than this over its last 0.3 s, a new session waits its turn (up
+    # to admit_wait_seconds, then 503 server_overloaded) and each 0.1 s lets in what the loop's
     # headroom pays for, so a burst of sessions is spread out instead of swamping the streams
-    # already running (service/session/admission.py). 0 or 1: off.
-    admit_pace_loop_busy: float = 0.8
+    # already running (service/session/admission.py). 0.8 left 12 of 400 waiting in vain in 1
+    # of 3 runs; 0.85 held 400 in 3 of 3 (BENCHMARKS.md). 0 or 1: off.
+    admit_pace_loop_busy: float = 0.85
     admit_wait_seconds: float = 10.0
+    # With pacing off (and for an upload reaching another worker), new sessions get 503
+    # server_overloaded at once while the event loop was busier than this over the last 2 s
+    # (0 < x < 1; 0 or 1: never), so that the streams already running keep up rather than all
+    # falling behind together (benchmarks/HISTORY.md, service/observability/loop.py).
+    admit_max_loop_busy: float = 0.95
     # The same for webm/Ogg Opus, whose limit is the decoder, not the loop: new sessions get
     # server_overloaded while its batches took longer than this on average over the last 2 s
     # (0: never). Off by default: 30-40 ms separated 350 held streams from 400 not held here,
