@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 # How long a readiness check waits for the store.
 READY_TIMEOUT_S = 1.0
+# Shared store: how long a session admitted here counts against this worker's model while its
+# upload has not started here (it may start on another worker, which then counts it).
+ADMITTED_HOLD_S = 10.0
 
 
 def _overloaded(why: str) -> StreamerError:
@@ -67,6 +70,11 @@ class Registry:
         # sessions per second and the default retention is thousands).
         self._unended: dict[str, Session] = {}
         self.accepting = True
+        # Shared store only: sessions this worker admitted whose upload has not started here,
+        # with when to stop counting them (their upload may start on another worker, which
+        # then counts them). A ramp of creates is over before its uploads start, so without
+        # these the model's load gate counted nothing and admitted the whole ramp.
+        self._admitted: dict[str, float] = {}
         # Shared store only: the leases of the sessions whose pipelines run here.
         self._leases = LeaseKeeper(self.store, runtime.settings.redis_lease_seconds, task_group)
 
@@ -82,6 +90,15 @@ class Registry:
         for sid in ended:
             del self._unended[sid]
         return len(self._unended)
+
+    def _admitted_elsewhere(self) -> int:
+        """Sessions admitted here and not (yet) running here: counted by the model's load
+        gate for ``ADMITTED_HOLD_S``, the time an upload takes to follow its POST."""
+        now = time.monotonic()
+        gone = [sid for sid, until in self._admitted.items() if until < now]
+        for sid in gone:
+            del self._admitted[sid]
+        return len(self._admitted)
 
     def _check_capacity(self, *, model: bool = True, loop: bool = True) -> None:
         if not self.accepting:
@@ -129,7 +146,7 @@ class Registry:
                 )
         most_load = settings.admit_max_model_load
         if most_load > 0:
-            load = models.load_with(self.live + 1)
+            load = models.load_with(self.live + self._admitted_elsewhere() + 1)
             if load is not None and load > most_load:
                 return "model", _overloaded(
                     f"one more session would load the model to {load:.0%} of its capacity, "
@@ -157,6 +174,7 @@ class Registry:
         if self.store.shared:
             # No pipeline yet: whichever worker receives the audio will run it.
             await self.store.create(session_id, config, summarize(Counters(), None))
+            self._admitted[session_id] = time.monotonic() + ADMITTED_HOLD_S
             return session_id
         session = Session(session_id, config, self.store.log(session_id), self.runtime)
         self._add(session)
@@ -201,6 +219,7 @@ class Registry:
         self._check_capacity(model=False)
         claimed_at = time.monotonic()  # the lease is at least this fresh
         claim = await self.store.claim(session_id)
+        self._admitted.pop(session_id, None)  # running here now: counted as live
         session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)
         # A cut upload: other workers should report its exact offset (HEAD) at once.
         session.on_detach = self._leases.publish_now

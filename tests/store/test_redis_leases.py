@@ -355,3 +355,30 @@ async def test_a_session_admitted_elsewhere_is_not_refused_its_upload_for_the_mo
     sid = await admitting.registry.create(SessionConfig())
     session = await full.registry.start(sid)  # its upload lands on the full worker: runs
     assert session.state is SessionState.RUNNING
+
+
+class SmallModels(IdleModels):
+    """A model with room for two sessions and a half (each adds 30% of its capacity)."""
+
+    def load_with(self, sessions: int) -> float:  # type: ignore[override]
+        return 0.3 * sessions
+
+
+async def test_sessions_admitted_here_count_against_the_model_before_their_upload(
+    redis_server: RedisServer, prefix: str, worker_factory: Callable[..., Awaitable[Worker]]
+) -> None:
+    """Regression: with a shared store a session runs where its upload lands, so a worker's
+    live count held only sessions already running there; a ramp of creates, over before any
+    upload started, was admitted whole (two workers past a one-utterance-per-call model took
+    21-23 sessions for ~16 and their finals waited 25-30 s). Sessions admitted here now count
+    until their upload starts here, or for a while if it starts elsewhere."""
+    worker = await worker_factory(redis_server)
+    worker.registry.runtime = replace(worker.registry.runtime, models=SmallModels())
+    first = await worker.registry.create(SessionConfig())
+    await worker.registry.create(SessionConfig())
+    with pytest.raises(StreamerError) as refused:
+        await worker.registry.create(SessionConfig())  # 3 x 30% > 75%
+    assert refused.value.code is ErrorCode.SERVER_OVERLOADED
+    await worker.registry.start(first)  # running here: counted once, as live
+    with pytest.raises(StreamerError):
+        await worker.registry.create(SessionConfig())
