@@ -119,6 +119,8 @@ class StreamerError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        # Answer with ``Connection: close`` (HTTP/1.1): the request's body was not read.
+        self.close_connection = False
 
     @property
     def status(self) -> int:

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 def error_response(error: StreamerError, **extra: Any) -> JSONResponse:
     headers = {"Retry-After": "5"} if error.status == 503 else {}
+    if error.close_connection:
+        headers["Connection"] = "close"
     body: dict[str, Any] = error.to_dict()
     if isinstance(error, OffsetMismatch):
         # Where to continue, as tus says it (the header) and in the typed body.

@@ -45,21 +45,20 @@ async def upload_audio(request: Request) -> Response:
     fmt = parse_query_format(request.query_params)
     offset = _offset(request)
     # With a shared store this claims the session for this worker, atomically.
-    if offset is None:
-        session = await registry.start(session_id, fmt)
-    else:
-        try:
+    try:
+        if offset is None:
+            session = await registry.start(session_id, fmt)
+        else:
             session = await registry.resume(session_id, offset, fmt)
-        except StreamerError as exc:
-            if exc.code is not ErrorCode.SESSION_ELSEWHERE:
-                raise
-            # The client is to try again on a new connection (RFC 9110 421): close this one,
-            # or its keep-alive would bring the retry back to this worker. (HTTP/2 has no
-            # Connection header; the h2 library would strip it.)
-            refusal = error_response(exc)
-            if _http1(request):
-                refusal.headers["Connection"] = "close"
-            return refusal
+    except StreamerError as exc:
+        # Refused before reading the body: on HTTP/1.1 that body is still on its way on this
+        # connection, so close it after the answer, or a client reusing it for its next
+        # request finds it closed under it (a 421 retry must come on a new connection
+        # anyway, RFC 9110). HTTP/2 has no Connection header: it ends just this stream.
+        # Raised on, so that the app's handler answers and counts it like any other error.
+        if _http1(request) and (exc.code is ErrorCode.SESSION_ELSEWHERE or _has_body(request)):
+            exc.close_connection = True
+        raise
     upload = session.upload  # read before any await: this request's turn at the input
     assert upload is not None
     complete = await pump(request, session, upload)
@@ -81,6 +80,11 @@ async def upload_audio(request: Request) -> Response:
         # (HTTP/2 ends just this stream.)
         response.headers["Connection"] = "close"
     return response
+
+
+def _has_body(request: Request) -> bool:
+    headers = request.headers
+    return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
 
 
 def _http1(request: Request) -> bool:

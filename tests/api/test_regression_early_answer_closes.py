@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from tests.conftest import Server
+from tests.conftest import DATA, Server
 
 
 def test_early_answer_closes_the_connection(server: Server) -> None:
@@ -42,3 +42,21 @@ def test_early_answer_closes_the_connection(server: Server) -> None:
     head = received.split(b"\r\n\r\n", 1)[0].decode().lower()
     assert head.startswith("http/1.1 415")
     assert "connection: close" in head
+
+
+def test_an_upload_refused_before_its_body_closes_the_connection(server: Server) -> None:
+    """Regression: an upload refused before the handler read its body (here 409
+    ``session_ended``; a resume's 409 likewise) was answered without ``Connection: close``, and
+    the server then closed the connection with the body unread; a client reusing it for its
+    next request found it closed under it (``Server disconnected without sending a response``,
+    seen in CI after a resume refused past its grace period)."""
+    wav = (DATA / "speech.wav").read_bytes()
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        created = client.post("/v1/sessions").json()
+        assert client.put(created["audio_url"], content=wav[:20000]).status_code == 200
+        again = client.post(created["audio_url"], content=wav)
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "session_ended"
+        assert again.headers["connection"] == "close"
+        # The client knows to open a new connection: the next request is answered.
+        assert client.get(f"/v1/sessions/{created['id']}").status_code == 200
