@@ -363,3 +363,26 @@ async def test_workers_flag_with_redis_serves_and_shuts_down_every_worker(
         assert not alive, f"left running after SIGTERM: {alive}"
     finally:
         stop_server(server)
+
+
+async def test_deepgram_listen_on_a_sse_on_b(pair: tuple[Server, Server]) -> None:
+    """/v1/listen is a transport over an ordinary session, with a shared store too: Deepgram's
+    Results come from worker A, and worker B serves the same session's events over SSE under
+    the id A gave as Metadata's request_id."""
+    query = "?encoding=linear16&sample_rate=16000&channels=1"
+    listen = pair[0].url.replace("http", "ws", 1) + "/v1/listen" + query
+    with anyio.fail_after(30):
+        async with connect(listen) as ws:
+            for i in range(44, len(SPEECH), 8000):
+                await ws.send(SPEECH[i : i + 8000])
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            messages = [json.loads(m) async for m in ws]
+        results = [m for m in messages if m["type"] == "Results" and m["is_final"]]
+        (metadata,) = [m for m in messages if m["type"] == "Metadata"]
+        async with httpx.AsyncClient(timeout=30) as client:
+            events = await read_all(
+                client, f"{pair[1].url}/v1/sessions/{metadata['request_id']}/events"
+            )
+    assert len(results) == len(finals(events)) == 3
+    assert [r["start"] for r in results] == [f["start_time"] for f in finals(events)]
+    assert events[-1].data["reason"] == "completed"
