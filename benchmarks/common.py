@@ -386,17 +386,28 @@ class ChunkedUpload:
         self.writer = writer
 
     @classmethod
-    async def open(cls, host: str, port: int, path: str) -> ChunkedUpload:
+    async def open(
+        cls, host: str, port: int, path: str, headers: Mapping[str, str] | None = None
+    ) -> ChunkedUpload:
+        """``headers``: more request headers (``Upload-Offset`` for a resumed upload)."""
         reader, writer = await asyncio.open_connection(host, port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n{extra}"
             "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
         )
         return cls(reader, writer)
 
     async def send(self, data: bytes) -> None:
-        self.writer.write(b"%x\r\n%b\r\n" % (len(data), data))
-        await self.writer.drain()
+        if data:  # an empty chunk would end the body
+            self.writer.write(b"%x\r\n%b\r\n" % (len(data), data))
+            await self.writer.drain()
+
+    def reset(self) -> None:
+        """Cut the connection as a network failure does: a TCP reset (SO_LINGER 0)."""
+        sock: socket.socket = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
 
     async def finish(self) -> tuple[int, bytes]:
         self.writer.write(b"0\r\n\r\n")

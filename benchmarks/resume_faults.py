@@ -28,8 +28,6 @@ import asyncio
 import io
 import json
 import random
-import socket
-import struct
 import sys
 import time
 import wave
@@ -41,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
-    _read_body,
+    ChunkedUpload,
     _read_head,
     create_session,
     machine,
@@ -97,39 +95,9 @@ async def head(host: str, port: int, path: str) -> tuple[int, str]:
         writer.close()
 
 
-class Upload:
-    """One chunked upload that may carry ``Upload-Offset`` and be reset."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, host: str, port: int, path: str, offset: int) -> Upload:
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-            f"Upload-Offset: {offset}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
-        )
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        if data:
-            self.writer.write(b"%x\r\n%b\r\n" % (len(data), data))
-            await self.writer.drain()
-
-    def reset(self) -> None:
-        sock: socket.socket = self.writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
-
-    async def finish(self) -> tuple[int, bytes]:
-        self.writer.write(b"0\r\n\r\n")
-        await self.writer.drain()
-        try:
-            status, headers = await _read_head(self.reader)
-            return status, await _read_body(self.reader, headers)
-        finally:
-            self.writer.close()
+async def open_upload(host: str, port: int, path: str, offset: int) -> ChunkedUpload:
+    """A chunked upload continuing at ``offset`` (``Upload-Offset``), which may be reset."""
+    return await ChunkedUpload.open(host, port, path, {"Upload-Offset": str(offset)})
 
 
 @dataclass
@@ -164,7 +132,7 @@ async def one_stream(
     duration = len(audio) / 32000
     cut_times = sorted(rng.uniform(0.3, duration - 0.3) for _ in range(cuts))
     start = time.monotonic()
-    upload = await Upload.open(host, port, path, 0)
+    upload = await open_upload(host, port, path, 0)
     sent = 0
     watchers: list[asyncio.Task[float]] = []
     while sent < len(audio):
@@ -180,7 +148,7 @@ async def one_stream(
                 await asyncio.sleep(0.01)
             # Everything "recorded" up to now goes out at once on the new connection.
             due = min(len(audio), int((time.monotonic() - start) / chunk_s) * chunk)
-            upload = await Upload.open(host, port, path, offset)
+            upload = await open_upload(host, port, path, offset)
             watchers.append(asyncio.create_task(watch_resumed(host, port, path, offset, cut_at)))
             await upload.send(audio[offset : max(due, offset)])
             sent = max(due, offset)
@@ -200,7 +168,7 @@ async def one_stream(
 
 async def reference(host: str, port: int, audio: bytes) -> Counter[tuple[Any, ...]]:
     session_id = await create_session(host, port, {"resumable": True})
-    upload = await Upload.open(host, port, f"/v1/sessions/{session_id}/audio", 0)
+    upload = await open_upload(host, port, f"/v1/sessions/{session_id}/audio", 0)
     await upload.send(audio)
     status, body = await upload.finish()
     assert status == 200, body

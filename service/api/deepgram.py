@@ -36,6 +36,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from service.api.deepgram_audio import RawConverter
 from service.api.deepgram_messages import Translator
 from service.api.deepgram_params import ListenOptions, parse_listen_params
+from service.api.websocket import close_dropped
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.encode import to_json
 from service.events.types import Error
@@ -145,7 +146,7 @@ class Listener:
             # come; after CloseStream this changes nothing.
             self.session.close_input(EndReason.CLIENT_DISCONNECTED)
         if self.dropped:
-            await self._close_dropped()
+            await close_dropped(self.ws, self.settings.idle_timeout_seconds)
 
     @property
     def channels(self) -> int:
@@ -236,21 +237,6 @@ class Listener:
         self.gone = True
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-
-    async def _close_dropped(self) -> None:
-        """After dropping a client that stopped reading (as ``websocket.py`` does): queue a
-        close frame, which it gets if it ever reads again, and discard what it still sends
-        until it leaves or stays silent for the idle timeout; returning at once would leave the
-        connection open, its messages unread, until the server stops."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.ws.close, POLICY_VIOLATION, "not_reading")
-            idle = self.settings.idle_timeout_seconds
-            while True:
-                with anyio.move_on_after(idle) as scope:
-                    message = await self.ws.receive()
-                if scope.cancelled_caught or message["type"] == "websocket.disconnect":
-                    break
-            tg.cancel_scope.cancel()
 
     # -- sending -------------------------------------------------------------------------------
 

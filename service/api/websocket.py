@@ -85,6 +85,23 @@ OUTBOX_SIZE = 256
 CLOSE_TIMEOUT_S = 5.0
 
 
+async def close_dropped(ws: WebSocket, idle_s: float) -> None:
+    """After dropping a client that stopped reading: queue a close frame (it gets it if it
+    ever reads again), and discard what it still sends until it leaves or stays silent for
+    ``idle_s``. Returning at once would leave the server's reader of this socket waiting, with
+    the client's next messages, for an application that is gone: the connection would outlive
+    the client until the server stops. (``/v1/ws`` and Deepgram's ``/v1/listen`` alike.)"""
+    async with anyio.create_task_group() as tg:
+        # Blocks while the client does not read; cancelled once it has left.
+        tg.start_soon(ws.close, POLICY_VIOLATION, "not_reading")
+        while True:
+            with anyio.move_on_after(idle_s) as scope:
+                message = await ws.receive()
+            if scope.cancelled_caught or message["type"] == "websocket.disconnect":
+                break
+        tg.cancel_scope.cancel()
+
+
 @dataclass(frozen=True, slots=True)
 class _Frame:
     """A message of the connection itself (not from a session log)."""
@@ -141,7 +158,7 @@ class Connection:
             # left waiting for input that will never come.
             self._flush(EndReason.CLIENT_DISCONNECTED)
         if self.dropped:
-            await self._close_dropped()
+            await close_dropped(self.ws, self.settings.idle_timeout_seconds)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -334,23 +351,6 @@ class Connection:
         self.gone = True
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-
-    async def _close_dropped(self) -> None:
-        """After dropping a client that stopped reading: queue a close frame (it gets it if it
-        ever reads again), and discard what it still sends until it leaves or stays silent for
-        the idle timeout. Returning at once would leave the server's reader of this socket
-        waiting, with the client's next messages, for an application that is gone: the
-        connection would outlive the client until the server stops."""
-        async with anyio.create_task_group() as tg:
-            # Blocks while the client does not read; cancelled once it has left.
-            tg.start_soon(self.ws.close, POLICY_VIOLATION, "not_reading")
-            idle = self.settings.idle_timeout_seconds
-            while True:
-                with anyio.move_on_after(idle) as scope:
-                    message = await self.ws.receive()
-                if scope.cancelled_caught or message["type"] == "websocket.disconnect":
-                    break
-            tg.cancel_scope.cancel()
 
     async def _watch_shutdown(self) -> None:
         await self.ws.app.state.shutdown_event.wait()

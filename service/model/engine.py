@@ -117,6 +117,7 @@ class Job:
     call: ModelCall
     audio: Samples
     trace: CallTrace = NO_TRACE
+    received_at: float = 0.0  # when the audio that completed it arrived (for the event lag)
     seq: int = 0
     enqueued_at: float = 0.0
     # The outcome, set once: the model's output, or an error (code, message).
@@ -279,9 +280,7 @@ class ModelEngine:
         """How long finals wait for the model now: the longest wait of those still queued, or
         the mean wait of those dispatched over the last couple of seconds if that is longer."""
         now = time.monotonic() if now is None else now
-        waits = self.stats.waits
-        while waits and waits[0][0] < now - WAIT_WINDOW_S:
-            waits.popleft()
+        waits = self._recent_waits(now)
         mean = sum(w for _, w in waits) / len(waits) if waits else 0.0
         return max(self.oldest_wait_s(now), mean)
 
@@ -394,6 +393,7 @@ class ModelEngine:
             self._unqueue_samples(job)
             if job.call.is_final:
                 self.stats.waits.append((now, now - job.enqueued_at))
+        self._recent_waits(now)  # kept to the window here too: nothing else may read them
         return batch
 
     async def _run_batch(self, batch: list[Job]) -> None:
@@ -481,6 +481,13 @@ class ModelEngine:
                 owner.lag_changed(waited)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _recent_waits(self, now: float) -> deque[tuple[float, float]]:
+        """The finals' waits of the last ``WAIT_WINDOW_S``, older ones dropped."""
+        waits = self.stats.waits
+        while waits and waits[0][0] < now - WAIT_WINDOW_S:
+            waits.popleft()
+        return waits
 
     def _ring(self) -> None:
         if self._wake is not None:

@@ -140,10 +140,8 @@ class _Stage:
         self.emit = emit
         self.summary = ModelSummary()
         self.channels: dict[int, _Channel] = {}
-        # Finals in submission order, with the time their audio arrived (for the event lag).
-        self.finals: deque[tuple[Job, float]] = deque()
-        self.interims_done: list[tuple[Job, float]] = []
-        self.received_at: dict[int, float] = {}  # id(job) -> received_at of interims
+        self.finals: deque[Job] = deque()  # in submission order
+        self.interims_done: list[Job] = []
         self.bell = Doorbell()  # wakes the emitter
         self.emitted = Doorbell()  # wakes the reader in one-at-a-time mode
         self.input_done = False
@@ -157,9 +155,8 @@ class _Stage:
             ch = self.channels[job.call.channel]
             if ch.interim is job:
                 ch.interim = None
-            at = self.received_at.pop(id(job), 0.0)
             if job.output is not None or job.error is not None:
-                self.interims_done.append((job, at))
+                self.interims_done.append(job)
         self.bell.ring()
 
     def lag_changed(self, seconds_: float) -> None:
@@ -200,7 +197,7 @@ class _Stage:
             self._drop_queued_interim(ch)  # finals first
             job = self._job(item)
             ch.finals_pending += 1
-            self.finals.append((job, item.received_at))
+            self.finals.append(job)
             if not self.engine.submit(job):
                 self.bell.ring()  # refused: emitted as an error in its place
         else:
@@ -217,7 +214,6 @@ class _Stage:
         job = self._job(item)
         if self.engine.submit(job):
             ch.interim = job
-            self.received_at[id(job)] = item.received_at
         else:
             self.summary.interims_skipped += 1
 
@@ -226,42 +222,42 @@ class _Stage:
         job = ch.interim
         if job is None or not self.engine.withdraw(job, superseded=True):
             return job is None
-        self.received_at.pop(id(job), None)
         self.summary.interims_skipped += 1
         ch.interim = None
         return True
 
     def _job(self, item: SpeechAudio) -> Job:
         call = ModelCall(item.channel, item.start, item.end, item.is_final)
-        return Job(self, call, item.audio, self.runner.observer.call_queued(call))
+        trace = self.runner.observer.call_queued(call)
+        return Job(self, call, item.audio, trace, received_at=item.received_at)
 
     async def _emitter(self) -> None:
         while True:
             # Finals first, in order; then whatever interims are done and still news.
-            while self.finals and self.finals[0][0].done:
-                job, at = self.finals.popleft()
+            while self.finals and self.finals[0].done:
+                job = self.finals.popleft()
                 ch = self.channels[job.call.channel]
                 ch.finals_pending -= 1
-                await self.emit(self._event(job), at)
+                await self.emit(self._event(job), job.received_at)
                 ch.last_final_start = max(ch.last_final_start, job.call.start)
                 if not self.finals:
                     self.lag = 0.0  # caught up; the engine's next measure would say so too
                 self.emitted.ring()
             if self.interims_done:
                 done, self.interims_done = self.interims_done, []
-                for job, at in done:
-                    await self._emit_interim(job, at)
+                for job in done:
+                    await self._emit_interim(job)
             lag = self._lag_to_report()
             if lag is not None:
                 self.lag_reported = lag
                 await self.emit(Lagging(round(lag, 1)), None)
             if self.input_done and not self.finals and not self._interims_outstanding():
                 return
-            if (self.finals and self.finals[0][0].done) or self.interims_done:
+            if (self.finals and self.finals[0].done) or self.interims_done:
                 continue
             await self.bell.wait()
 
-    async def _emit_interim(self, job: Job, at: float) -> None:
+    async def _emit_interim(self, job: Job) -> None:
         ch = self.channels[job.call.channel]
         # Stale: a final of the channel is pending (it supersedes this, and comes next), or
         # out (an interim starts where its utterance starts, so one of a closed utterance
@@ -274,7 +270,7 @@ class _Stage:
             self.summary.interims_skipped += 1
             return
         ch.last_interim_end = job.call.end
-        await self.emit(self._event(job), at)
+        await self.emit(self._event(job), job.received_at)
 
     def _interims_outstanding(self) -> bool:
         return any(ch.interim is not None for ch in self.channels.values())
