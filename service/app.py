@@ -115,7 +115,9 @@ def create_app(
                 tg.start_soon(runtime.load.run)
                 if runtime.decoders is not None:
                     tg.start_soon(runtime.decoders.run)
-                app.state.registry = Registry(runtime, tg, store)
+                app.state.registry = registry = Registry(runtime, tg, store)
+                # Resumable sessions whose worker died go on in another (shared store only).
+                tg.start_soon(registry.adopt_orphans)
                 log.info("ready", extra={"model": settings.model, "worker": store.worker_id})
                 try:
                     yield

@@ -98,6 +98,10 @@ class Settings:
     # How long a resumable session whose upload was cut waits for an upload that continues it
     # before it ends (client_disconnected) with everything received processed.
     resume_grace_seconds: float = 60.0
+    # With Redis: how often a worker writes the audio its resumable sessions received to Redis
+    # (all of them in one round trip), so that another worker can adopt them should it die.
+    # A client whose worker died resends at most this much.
+    resume_journal_seconds: float = 0.25
     sse_ping_seconds: float = 15.0
     sse_send_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0

@@ -68,6 +68,9 @@ class Error:
     channel: int | None = None
     start_time: float | None = None
     end_time: float | None = None
+    # A model call's failure: whether the call was a final (stands for its utterance) or an
+    # interim; None for any other error. Not sent: the log's progress counts by it.
+    final: bool | None = field(default=None, compare=False)
     type: str = field(default="error", init=False)
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,8 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from service.audio.source import Doorbell
+from service.config import MODEL_SAMPLE_RATE
+from service.events.progress import LoggedProgress
 from service.events.types import Active, Error, Event, Inactive, Lagging, Segment, seconds
 from service.model.base import Model
 from service.model.engine import Job, ModelCall, ModelEngine, ModelObserver
@@ -109,8 +111,12 @@ class ModelRunner:
         emit: Emit,
         *,
         one_at_a_time: bool = False,
+        logged: LoggedProgress | None = None,
     ) -> ModelSummary:
-        stage = _Stage(self, next(self._ranks), emit)
+        """Run one session's model stage over ``receive``. ``logged``: the session's log holds
+        these results already (an adopted session's pipeline runs again over its audio):
+        they are neither emitted again nor sent to the model."""
+        stage = _Stage(self, next(self._ranks), emit, logged or LoggedProgress())
         self.engine.stages += 1
         try:
             return await stage.run(receive, one_at_a_time)
@@ -119,22 +125,35 @@ class ModelRunner:
 
 
 class _Channel:
-    __slots__ = ("finals_pending", "interim", "last_final_start", "last_interim_end")
+    __slots__ = (
+        "finals_pending",
+        "finals_to_skip",
+        "interim",
+        "last_final_start",
+        "last_interim_end",
+        "vad_to_skip",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, channel: int, logged: LoggedProgress) -> None:
         self.finals_pending = 0  # submitted, not yet emitted
         self.interim: Job | None = None  # the outstanding interim (queued or running)
         # Sample positions: where the last final emitted began (its utterance is closed), and
         # where the last interim emitted ended.
         self.last_final_start = -1
-        self.last_interim_end = -1
+        end = logged.interim_end.get(channel)
+        self.last_interim_end = -1 if end is None else round(end * MODEL_SAMPLE_RATE)
+        # What the log holds already (an adopted session): the first VAD events and the first
+        # utterances of the channel, as its pipeline finds them again, are not news.
+        self.vad_to_skip = logged.vad.get(channel, 0)
+        self.finals_to_skip = logged.utterances.get(channel, 0)
 
 
 class _Stage:
     """One session's side of the engine (an :class:`~service.model.engine.Owner`)."""
 
-    def __init__(self, runner: ModelRunner, rank: int, emit: Emit) -> None:
+    def __init__(self, runner: ModelRunner, rank: int, emit: Emit, logged: LoggedProgress) -> None:
         self.runner = runner
+        self.logged = logged
         self.engine = runner.engine
         self.rank = rank
         self.emit = emit
@@ -188,7 +207,9 @@ class _Stage:
     async def _take(self, item: VadOutput) -> None:
         ch = self.channels.get(item.channel)
         if ch is None:
-            ch = self.channels[item.channel] = _Channel()
+            ch = self.channels[item.channel] = _Channel(item.channel, self.logged)
+        if self._logged_already(item, ch):
+            return
         if isinstance(item, SpeechStarted):
             await self.emit(Active(item.channel, seconds(item.start)), item.received_at)
         elif isinstance(item, SpeechEnded):
@@ -202,6 +223,21 @@ class _Stage:
                 self.bell.ring()  # refused: emitted as an error in its place
         else:
             self._interim(item, ch)
+
+    def _logged_already(self, item: VadOutput, ch: _Channel) -> bool:
+        """Whether the log holds ``item``'s event already (an adopted session's replay)."""
+        if isinstance(item, SpeechStarted | SpeechEnded):
+            if ch.vad_to_skip:
+                ch.vad_to_skip -= 1
+                return True
+            return False
+        if not ch.finals_to_skip:
+            return False
+        # Its utterance's final (or the error in its place) is logged: so is anything of it.
+        if item.is_final:
+            ch.finals_to_skip -= 1
+            ch.last_final_start = max(ch.last_final_start, item.start)
+        return True
 
     def _interim(self, item: SpeechAudio, ch: _Channel) -> None:
         if ch.finals_pending:
@@ -297,7 +333,7 @@ class _Stage:
                 self.summary.overloaded += 1
             else:
                 self.summary.panics += 1
-            return Error(code, message, call.channel, start, end)
+            return Error(code, message, call.channel, start, end, final=call.is_final)
         assert job.output is not None
         if call.is_final:
             self.summary.finals += 1

@@ -132,7 +132,10 @@ class LeaseKeeper:
         try:
             changed = config is not owned.config_sent
             return Renewal(
-                session.id, published_summary(session), config_to_dict(config) if changed else None
+                session.id,
+                published_summary(session),
+                config_to_dict(config) if changed else None,
+                journaled=session.journal is not None,
             )
         except Exception:
             # A bug here must end this session only, as a bug in a pipeline stage does.

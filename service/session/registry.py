@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -26,6 +26,7 @@ from service.config import PcmFormat, SessionConfig
 from service.errors import ErrorCode, OffsetMismatch, StoreUnavailable, StreamerError
 from service.events.log import EventLog
 from service.runtime import Runtime
+from service.session.journal import AudioJournal
 from service.session.leases import LeaseKeeper
 from service.session.session import (
     Counters,
@@ -45,6 +46,14 @@ READY_TIMEOUT_S = 1.0
 # Shared store: how long a session admitted here counts against this worker's model while its
 # upload has not started here (it may start on another worker, which then counts it).
 ADMITTED_HOLD_S = 10.0
+# Shared store: how often every worker looks for resumable sessions whose owner died, and how
+# long after the lease lapsed it adopts one. Until then an upload resuming it adopts it where
+# it lands (a client retries within a second or two), and so never has to find the adopter.
+SWEEP_S = 1.0
+ADOPT_AFTER_S = 1.0
+SWEEP_BATCH = 64
+# An adopted session's earlier audio is read back from the store this much at a time.
+REPLAY_READ_BYTES = 256 * 1024
 
 
 def _overloaded(why: str) -> StreamerError:
@@ -75,8 +84,12 @@ class Registry:
         # then counts them). A ramp of creates is over before its uploads start, so without
         # these the model's load gate counted nothing and admitted the whole ramp.
         self._admitted: dict[str, float] = {}
-        # Shared store only: the leases of the sessions whose pipelines run here.
+        # Shared store only: the leases of the sessions whose pipelines run here, and the
+        # audio their resumable sessions received.
         self._leases = LeaseKeeper(self.store, runtime.settings.redis_lease_seconds, task_group)
+        self._journal = AudioJournal(
+            self.store, task_group, runtime.settings.resume_journal_seconds
+        )
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -221,9 +234,7 @@ class Registry:
         claim = await self.store.claim(session_id)
         self._admitted.pop(session_id, None)  # running here now: counted as live
         session = Session(session_id, claim.config, self.store.log(session_id), self.runtime)
-        # A cut upload: other workers should report its exact offset (HEAD) at once.
-        session.on_detach = self._leases.publish_now
-        self._add(session)
+        self._own(session)
         receive = session.open_input(fmt)
         # The times every worker reports, not this process's clock readings a moment later.
         session.created_at, session.started_at = claim.created_at, claim.started_at
@@ -232,12 +243,22 @@ class Registry:
         )
         return session
 
+    def _own(self, session: Session) -> None:
+        """A shared session whose pipeline runs here from now on."""
+        # A cut upload: other workers should report its exact offset (HEAD) at once.
+        session.on_detach = self._leases.publish_now
+        if session.config.resumable:
+            session.journal = self._journal
+            self._journal.open(session.id)
+        self._add(session)
+
     async def resume(self, session_id: str, offset: int, fmt: PcmFormat | None = None) -> Session:
         """An upload that continues a resumable session at byte ``offset`` (``Upload-Offset``);
         the caller then writes bytes from ``session.upload``. An unstarted session starts here
         (offset 0). With a shared store only the worker running the pipeline can continue it
         (its decoder's state is in that process): elsewhere this raises ``session_elsewhere``,
-        which a client answers by retrying on a new connection."""
+        which a client answers by retrying on a new connection; unless that worker died, and
+        this one adopts the session (:meth:`adopt`)."""
         if not self.accepting:
             raise StreamerError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         session = self.local(session_id)
@@ -247,12 +268,17 @@ class Registry:
                 if offset != 0:
                     raise OffsetMismatch(0, offset)
                 return await self.start(session_id, fmt)
-            if state == "running":
+            if state != "running":
+                raise StreamerError(
+                    ErrorCode.SESSION_ENDED, "this session has ended; create a new one"
+                )
+            # Its owner may have died: then the upload goes on here.
+            session = await self.adopt(session_id) or self.local(session_id)
+            if session is None:
                 raise StreamerError(
                     ErrorCode.SESSION_ELSEWHERE,
                     "another worker runs this session's pipeline; retry on a new connection",
                 )
-            raise StreamerError(ErrorCode.SESSION_ENDED, "this session has ended; create a new one")
         if session is None:
             session = self.get(session_id)
         if session.state is SessionState.CREATED:
@@ -261,6 +287,75 @@ class Registry:
             return await self.start(session_id, fmt)
         await session.resume_input(offset)
         return session
+
+    async def adopt(self, session_id: str) -> Session | None:
+        """Take over a resumable session whose owner died (shared store): its pipeline runs
+        here again over the audio received so far (kept in the store by the owner's
+        journal), emitting only what its log lacks, and it waits for an upload that resumes
+        it. None if it is not to be adopted (its owner lives, it ended, or this worker cannot
+        take it now)."""
+        if not self.accepting or not self.store.shared:
+            return None
+        if session_id in self._sessions:
+            return self._sessions[session_id]
+        if self._refusal(model=False) is not None:
+            return None  # saturated: another worker's sweep will take it
+        claimed_at = time.monotonic()
+        adoption = await self.store.adopt(session_id)
+        if adoption is None:
+            return None
+        log_ = self.store.log(session_id, adoption.last_id)
+        session = Session(session_id, adoption.config, log_, self.runtime)
+        self._own(session)
+        receive = session.open_adopted(adoption)
+        replay = self._journaled_audio(session_id, adoption.received)
+        self._tg.start_soon(
+            self._run_owned, session, receive, claimed_at, replay, name=f"session {session_id}"
+        )
+        log.warning(
+            "adopted a session whose worker died",
+            extra={
+                "session_id": session_id,
+                "bytes": adoption.received,
+                "input_end": adoption.input_end,
+                "last_event_id": adoption.last_id,
+            },
+        )
+        return session
+
+    async def _journaled_audio(self, session_id: str, size: int) -> AsyncIterator[bytes]:
+        for start in range(0, size, REPLAY_READ_BYTES):
+            want = min(REPLAY_READ_BYTES, size - start)
+            data = await self.store.read_audio(session_id, start, want)
+            if len(data) != want:
+                raise StoreUnavailable(
+                    f"the store holds {start + len(data)} bytes of session {session_id}'s audio, "
+                    f"not {size}"
+                )
+            yield data
+
+    async def adopt_orphans(self) -> None:
+        """Every worker's sweep (shared store): adopt the resumable sessions whose owner died
+        and that no resuming upload adopted, so that the audio they received is processed
+        and they wait for their upload where it can continue. Runs until shutdown."""
+        if not self.store.shared:
+            return
+        failing = False
+        while self.accepting:
+            await anyio.sleep(SWEEP_S)
+            try:
+                ids = await self.store.orphans(ADOPT_AFTER_S, SWEEP_BATCH)
+                for session_id in ids:
+                    if session_id not in self._sessions:
+                        await self.adopt(session_id)
+            except StoreUnavailable as exc:
+                if not failing:
+                    log.warning("looking for sessions to adopt failed", extra={"error": str(exc)})
+                failing = True
+                continue
+            except StreamerError:
+                log.exception("adopting a session failed")
+            failing = False
 
     async def status(self, session_id: str) -> dict[str, Any]:
         session = self.local(session_id)
@@ -308,16 +403,21 @@ class Registry:
         self._unended.pop(session.id, None)
 
     async def _run_owned(
-        self, session: Session, receive: MemoryObjectReceiveStream[bytes], claimed_at: float
+        self,
+        session: Session,
+        receive: MemoryObjectReceiveStream[bytes],
+        claimed_at: float,
+        replay: AsyncIterable[bytes] | None = None,
     ) -> None:
         """A shared session's pipeline. Its lease is kept by the worker's one lease keeper, with
         those of every other session running here. Once it ends the store holds everything, so
         the Session object goes at once."""
         self._leases.add(session, claimed_at)
         try:
-            await session.run(receive)
+            await session.run(receive, replay)
         finally:
             self._leases.discard(session.id)
+            self._journal.close(session.id)
             self._sessions.pop(session.id, None)
             self._unended.pop(session.id, None)
 

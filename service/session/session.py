@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,6 +26,7 @@ from service.audio.source import Doorbell
 from service.config import MODEL_SAMPLE_RATE, PcmFormat, SessionConfig, config_to_dict
 from service.errors import ErrorCode, OffsetMismatch, StoreUnavailable, StreamerError
 from service.events.log import EventLog
+from service.events.progress import LoggedProgress
 from service.events.types import End, Error, Event, Segment
 from service.model.simple import simple_stage
 from service.vad.speech import VadOutput
@@ -33,6 +34,8 @@ from service.vad.stage import FlushDone, VadStage
 
 if TYPE_CHECKING:
     from service.runtime import Runtime
+    from service.session.journal import AudioJournal
+    from service.store.base import Adoption
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,16 @@ class Session:
         self._sent = anyio.Event()  # set when a write that waited for room is delivered
         # Called when a resumable session's upload is cut (the registry publishes the offset).
         self.on_detach: Callable[[], None] | None = None
+        # Shared store, resumable: where its received bytes are kept, so that another worker
+        # can adopt the session should this one die (service/session/journal.py).
+        self.journal: AudioJournal | None = None
+        # An adopted session: what its log holds already, and whether the audio received
+        # before the adoption has all gone into the pipeline again.
+        self._logged: LoggedProgress | None = None
+        self._replaying = False
+        self._replayed = anyio.Event()
+        self._replayed.set()
+        self._adopted_end: EndReason | None = None
 
     # -- ingest side ---------------------------------------------------------------------------
 
@@ -165,6 +178,36 @@ class Session:
         self.state = SessionState.RUNNING
         self.started_at = time.time()
         self._t0 = time.monotonic()
+        self.started.set()
+        self.runtime.observer.session_started(self)
+        return receive
+
+    def open_adopted(self, adoption: Adoption) -> MemoryObjectReceiveStream[bytes]:
+        """Take over a session whose owner died (with a shared store): its pipeline starts
+        again here, fed first the audio received before (``run``'s ``replay``), emitting only
+        what the log does not hold yet; then it waits for an upload that resumes it, as if its
+        upload had just been cut (unless its input had ended: it then ends the same way)."""
+        send, receive = anyio.create_memory_object_stream[bytes](8)
+        self._input = send
+        self.state = SessionState.RUNNING
+        self.created_at, self.started_at = adoption.created_at, adoption.started_at
+        # Its limits count from its first byte, on whichever worker that was.
+        self._t0 = time.monotonic() - max(0.0, time.time() - adoption.started_at)
+        logged = self._logged = adoption.logged
+        c = self.counters
+        c.bytes_in, c.finals, c.interims, c.errors = (
+            adoption.received,
+            logged.finals,
+            logged.interims,
+            logged.errors,
+        )
+        c.events = adoption.last_id
+        self._replaying = True
+        self._replayed = anyio.Event()
+        if adoption.input_end is not None:
+            self._adopted_end = EndReason(adoption.input_end)
+        else:
+            self._detached_at = time.monotonic()  # waits for its upload from now on
         self.started.set()
         self.runtime.observer.session_started(self)
         return receive
@@ -228,6 +271,8 @@ class Session:
         self.upload = None
         self._detached_at = time.monotonic()
         self._changed()
+        if self.journal is not None:
+            self.journal.write_now()  # keep its exact offset, should this worker die
         log.info(
             "upload cut; awaiting resume",
             extra={"session_id": self.id, "offset": self.counters.bytes_in},
@@ -239,6 +284,7 @@ class Session:
         """A resumable session's grace period: the input ends (``client_disconnected``, after
         everything received is processed) once no upload has fed it for that long."""
         grace = self.runtime.settings.resume_grace_seconds
+        await self._replayed.wait()  # an adopted session's earlier audio goes in first
         while not self.input_closed.is_set():
             changed = self._upload_changed
             if self._detached_at is None:
@@ -258,6 +304,15 @@ class Session:
             raise InputClosed
         if upload is not None and upload is not self.upload:
             raise InputClosed
+        journal = self.journal
+        if not self._replayed.is_set() or (journal is not None and journal.behind(self.id)):
+            # An adopted session's earlier audio goes in first; and received audio is kept
+            # before more is taken (the upload waits meanwhile: TCP flow control).
+            await self._replayed.wait()
+            if journal is not None:
+                await journal.catch_up(self.id)
+            if self._input_reason is not None or (upload is not None and upload is not self.upload):
+                raise InputClosed
         settings = self.runtime.settings
         room = settings.max_upload_bytes - self.counters.bytes_in
         if len(data) > room:
@@ -285,10 +340,15 @@ class Session:
             raise InputClosed
         await self._send(data)
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, *, received: bool = True) -> None:
+        """Hand ``data`` to the decoder. ``received``: new bytes (counted, and journaled);
+        False for an adopted session's earlier audio, counted and kept already."""
         assert self._input is not None
-        self.counters.bytes_in += len(data)
-        self.runtime.observer.bytes_received(self, len(data))
+        if received:
+            if self.journal is not None:
+                self.journal.add(self.id, self.counters.bytes_in, data)
+            self.counters.bytes_in += len(data)
+            self.runtime.observer.bytes_received(self, len(data))
         try:
             try:
                 # Without waiting when there is room: ``send`` would first yield to the loop,
@@ -308,7 +368,7 @@ class Session:
                     self._sending = False
                     self._sent.set()
                     self._sent = anyio.Event()
-                    if self._input_reason is not None:
+                    if self._input_reason is not None and not self._replaying:
                         self._input.close()  # closed while this chunk waited: close now
                     self._arrivals.ring()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -318,8 +378,13 @@ class Session:
         """End of input: the pipeline drains everything received, then the session ends."""
         if self._input_reason is None:
             self._input_reason = reason
-        if self._input is not None and not self._sending:
-            self._input.close()  # else once the chunk in hand-off is delivered (_send)
+            if self.journal is not None and self._input is not None:
+                # An adopter ends it the same way, after its audio, not waiting for an upload.
+                self.journal.end(self.id, self.counters.bytes_in, reason.value)
+        if self._input is not None and not self._sending and not self._replaying:
+            # Else once the chunk in hand-off is delivered (_send), or the audio received
+            # before an adoption has all gone in (_replay).
+            self._input.close()
             self._arrivals.ring()
         if self.upload is not None:
             self.upload.stopped.set()
@@ -360,13 +425,21 @@ class Session:
 
     # -- the pipeline --------------------------------------------------------------------------
 
-    async def run(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
+    async def run(
+        self,
+        receive: MemoryObjectReceiveStream[bytes],
+        replay: AsyncIterable[bytes] | None = None,
+    ) -> None:
+        """Run the pipeline until it ends. ``replay``: an adopted session's audio received
+        before (:meth:`open_adopted`), fed in before any upload's."""
         try:
             with anyio.CancelScope() as self._scope:
                 if not self.config.resumable:
                     await self._pipeline(receive)
                     return
                 async with anyio.create_task_group() as watch:
+                    if replay is not None:
+                        watch.start_soon(self._replay, replay)
                     watch.start_soon(self._expire_abandoned_input)
                     await self._pipeline(receive)
                     watch.cancel_scope.cancel()  # the grace period has nothing left to end
@@ -380,6 +453,27 @@ class Session:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.finish()
+
+    async def _replay(self, replay: AsyncIterable[bytes]) -> None:
+        """Feed an adopted session's earlier audio into its new pipeline."""
+        try:
+            async for data in replay:
+                await self._send(data, received=False)
+        except StoreUnavailable as exc:
+            self.store_failed(exc)  # it cannot go on where the audio is missing
+        except InputClosed:
+            pass  # the pipeline stopped (cancelled, or the audio's own end)
+        finally:
+            self._replaying = False
+            self._replayed.set()
+            if self._input_reason is not None and self._input is not None and not self._sending:
+                self._input.close()  # its input ended meanwhile: now that everything is in
+                self._arrivals.ring()
+        log.info("adopted session replayed", extra={"session_id": self.id})
+        if self._adopted_end is EndReason.CANCELLED:
+            self.cancel(EndReason.CANCELLED)
+        elif self._adopted_end is not None:
+            self.close_input(self._adopted_end)
 
     async def _pipeline(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
         async with anyio.create_task_group() as tg:
@@ -463,7 +557,10 @@ class Session:
         with self.runtime.observer.stage(self, "model"):
             # Simple mode sends the model one call at a time (audio accumulates meanwhile).
             await self.runtime.models.run_stage(
-                receive, self.emit, one_at_a_time=self.config.mode != "segmented"
+                receive,
+                self.emit,
+                one_at_a_time=self.config.mode != "segmented",
+                logged=self._logged,
             )
 
     async def emit(self, event: Event, received_at: float | None = None) -> None:

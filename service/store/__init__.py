@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.settings import Settings
-from service.store.base import Claim, Lease, Renewal, SessionStore
+from service.store.base import Adoption, Claim, JournalWrite, Lease, Renewal, SessionStore
 from service.store.memory import MemoryStore
 
 
@@ -16,4 +16,13 @@ def open_store(settings: Settings) -> SessionStore:
     return RedisStore(settings)
 
 
-__all__ = ["Claim", "Lease", "MemoryStore", "Renewal", "SessionStore", "open_store"]
+__all__ = [
+    "Adoption",
+    "Claim",
+    "JournalWrite",
+    "Lease",
+    "MemoryStore",
+    "Renewal",
+    "SessionStore",
+    "open_store",
+]

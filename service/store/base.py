@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from service.config import SessionConfig
 from service.events.log import EventLog
+from service.events.progress import LoggedProgress
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +35,39 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class Adoption:
+    """A resumable session this worker took over from an owner that died: its pipeline runs
+    here again, over the audio received so far (the journal), and goes on from there."""
+
+    config: SessionConfig
+    created_at: float
+    started_at: float
+    received: int  # bytes in the journal: where the input continues
+    input_end: str | None  # why the input had ended (its reason), or None: it goes on
+    logged: LoggedProgress  # what the event log holds already
+    last_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Renewal:
     """One session in the owner's periodic renewal of all its leases."""
 
     session_id: str
     summary: Mapping[str, Any]  # live counters, for status on other workers
     config: Mapping[str, Any] | None = None  # None: unchanged since its last renewal
+    # A resumable session: adoptable by another worker once this lease lapses.
+    journaled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JournalWrite:
+    """Received bytes of a resumable session, to keep: ``data`` starts at byte ``offset`` of
+    its input; ``input_end``: the input ended after them (its reason), or None."""
+
+    session_id: str
+    offset: int
+    data: bytes
+    input_end: str | None = None
 
 
 class Lease(StrEnum):
@@ -60,8 +88,9 @@ class SessionStore(Protocol):
     @property
     def worker_id(self) -> str: ...
 
-    def log(self, session_id: str) -> EventLog:
-        """The log the pipeline running here appends to."""
+    def log(self, session_id: str, last_id: int = 0) -> EventLog:
+        """The log the pipeline running here appends to (holding ``last_id`` events already:
+        an adopted session's)."""
         ...
 
     async def create(
@@ -97,6 +126,28 @@ class SessionStore(Protocol):
     async def wait_cancels(self, seconds: float) -> list[str]:
         """Wait up to ``seconds`` for cancel requests, made on other workers, for sessions this
         worker owns; returns their ids (empty when none came). One waiter per worker."""
+        ...
+
+    async def append_audio(self, writes: Sequence[JournalWrite]) -> dict[str, bool]:
+        """Keep received bytes of resumable sessions this worker runs (one round trip for
+        all); returns, per session, whether its journal still holds every byte (False: not
+        kept, the session can no longer be adopted). Raises ``StoreUnavailable`` if none
+        could be written."""
+        ...
+
+    async def read_audio(self, session_id: str, start: int, size: int) -> bytes:
+        """Up to ``size`` bytes of a session's journal from byte ``start``."""
+        ...
+
+    async def orphans(self, lapsed_for: float, limit: int) -> list[str]:
+        """Resumable sessions whose owner's lease lapsed at least ``lapsed_for`` seconds ago
+        (candidates: :meth:`adopt` decides)."""
+        ...
+
+    async def adopt(self, session_id: str) -> Adoption | None:
+        """Take over a resumable session whose owner died (its lease lapsed): this worker is
+        its owner from now on. None if it is not to be adopted (ended, its owner alive, or
+        unknown); a session that cannot be (no journal) is ended ``worker_lost`` here."""
         ...
 
     async def ping(self) -> None:

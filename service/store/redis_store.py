@@ -40,11 +40,12 @@ from redis.exceptions import NoScriptError, RedisError
 from service.config import SessionConfig, config_to_dict, parse_session_config
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.encode import to_json
+from service.events.progress import NO_MARK, LoggedProgress, Mark, mark
 from service.events.types import End, Event, LoggedEvent
 from service.session.session import EndReason
 from service.settings import Settings
 from service.store import lua
-from service.store.base import Claim, Lease, Renewal
+from service.store.base import Adoption, Claim, JournalWrite, Lease, Renewal
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ FOLLOWER_CONNECTIONS = 4096
 RENEW_BATCH = 500
 # Cancel requests taken per wake-up of a worker's cancel wait.
 CANCEL_DRAIN = 1000
+# Connections per worker for reading journals back (adopted sessions replaying their audio).
+JOURNAL_CONNECTIONS = 16
+# An orphaned resumable session nobody adopted for this long after its lease lapsed (every
+# worker looks for them about once a second, so only a broken adoption gets here) is ended
+# ``worker_lost`` by its readers.
+ADOPT_GIVE_UP_S = 60.0
 
 _END_FIELDS = frozenset({"type", "reason", "channel"})
 
@@ -76,6 +83,7 @@ class _Keys:
     session: str
     events: str
     lease: str
+    audio: str  # a resumable session's received bytes (its journal)
 
 
 def _ms(seconds: float) -> int:
@@ -129,23 +137,32 @@ class RedisStore:
             FOLLOWER_CONNECTIONS, timeout + self._longest_wait, queue=False
         )
         self._cancel_waits = self._client(1, timeout + self._longest_wait, queue=True)
+        # Journal reads return audio, which must not be decoded as text.
+        self._raw = self._client(JOURNAL_CONNECTIONS, timeout, queue=True, decode=False)
         self._cancels_key = self._worker_cancels(self.worker_id)
         self._append = self._redis.register_script(lua.APPEND)
         self._claim = self._redis.register_script(lua.CLAIM)
         self._renew = self._redis.register_script(lua.RENEW)
         self._cancel = self._redis.register_script(lua.CANCEL)
+        self._journal = self._redis.register_script(lua.JOURNAL)
+        self._adopt = self._redis.register_script(lua.ADOPT)
+        # Resumable sessions by when their lease lapses (ms since the epoch, as their owner
+        # last renewed it): where workers look for sessions to adopt.
+        self._journaled_key = f"{settings.redis_prefix}:journaled"
         self._lease_ms = _ms(settings.redis_lease_seconds)
         self._retention_ms = _ms(settings.retention_seconds)
         self._poll_ms = _ms(settings.redis_poll_seconds)
 
-    def _client(self, max_connections: int, socket_timeout: float, *, queue: bool) -> Redis:
+    def _client(
+        self, max_connections: int, socket_timeout: float, *, queue: bool, decode: bool = True
+    ) -> Redis:
         """A client with a pool of its own of at most ``max_connections``. With ``queue`` a caller
         finding them all busy waits up to the command timeout for one, otherwise it fails."""
         url = self.settings.redis_url
         assert url
         options: dict[str, Any] = {
             "max_connections": max_connections,
-            "decode_responses": True,
+            "decode_responses": decode,
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": self.settings.redis_timeout_seconds,
             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
@@ -159,15 +176,15 @@ class RedisStore:
 
     def _keys(self, session_id: str) -> _Keys:
         base = f"{self.settings.redis_prefix}:{{{session_id}}}"
-        return _Keys(f"{base}:session", f"{base}:events", f"{base}:lease")
+        return _Keys(f"{base}:session", f"{base}:events", f"{base}:lease", f"{base}:audio")
 
     def _worker_cancels(self, worker_id: str) -> str:
         return f"{self.settings.redis_prefix}:worker:{{{worker_id}}}:cancels"
 
     # -- records ------------------------------------------------------------------------------
 
-    def log(self, session_id: str) -> RedisEventLog:
-        return RedisEventLog(self, session_id, owned=True)
+    def log(self, session_id: str, last_id: int = 0) -> RedisEventLog:
+        return RedisEventLog(self, session_id, owned=True, last_id=last_id)
 
     async def create(
         self, session_id: str, config: SessionConfig, summary: Mapping[str, Any]
@@ -204,7 +221,12 @@ class RedisStore:
         with _unavailable("claiming a session"):
             reply = await self._claim(keys=[k.session, k.lease], args=args)
         if reply[0] == "ok":
-            return Claim(parse_session_config(json.loads(reply[1])), float(reply[2]), started_at)
+            config = parse_session_config(json.loads(reply[1]))
+            if config.resumable:
+                # Findable for adoption from now on, should this worker die before its first
+                # renewal.
+                await self._mark_journaled([session_id])
+            return Claim(config, float(reply[2]), started_at)
         state, leased = reply[0], int(reply[1])
         if state == "missing":
             _not_found()
@@ -217,23 +239,35 @@ class RedisStore:
 
     async def status(self, session_id: str) -> dict[str, Any]:
         k = self._keys(session_id)
+        orphan_offset: int | None = None
         for _ in range(2):
             with _unavailable("reading a session"):
                 async with self._redis.pipeline(transaction=False) as p:
                     p.hgetall(k.session)
                     p.exists(k.lease)
-                    record, leased = await p.execute()
+                    p.zscore(self._journaled_key, session_id)
+                    p.strlen(k.audio)
+                    record, leased, lapsed_ms, kept = await p.execute()
             if not record:
                 _not_found()
             if record["state"] == "ended" or leased:
                 break
+            if self._adoptable(record["state"], record.get("journal"), lapsed_ms):
+                # Its owner died; the next worker to take it goes on from what was kept.
+                orphan_offset = int(kept)
+                break
             await self._settle(session_id)  # nobody will end it otherwise; then read again
-        return self._status(session_id, record)
+        return self._status(session_id, record, orphan_offset)
 
-    def _status(self, session_id: str, h: Mapping[str, str]) -> dict[str, Any]:
+    def _status(
+        self, session_id: str, h: Mapping[str, str], orphan_offset: int | None = None
+    ) -> dict[str, Any]:
         # The same shape as Session.status(); counters are as of the owner's last renewal (and
         # exact while a resumable session waits for its upload: the owner publishes them then).
+        # A resumable session whose owner died waits for its upload at the journal's end.
         summary = json.loads(h.get("summary") or "{}")
+        if orphan_offset is not None:
+            summary = {**summary, "bytes": orphan_offset, "awaiting_resume": True}
         return {
             "id": session_id,
             "state": h["state"],
@@ -313,6 +347,12 @@ class RedisStore:
         for attempt in range(2):
             with _unavailable("renewing leases"):
                 async with self._redis.pipeline(transaction=False) as p:
+                    journaled = [r.session_id for r in batch if r.journaled]
+                    if journaled:
+                        # When their leases lapse, as far as this worker can tell: the hint
+                        # the other workers' sweeps go by (adoption checks the lease itself).
+                        deadline = self._lease_deadline_ms()
+                        p.zadd(self._journaled_key, dict.fromkeys(journaled, deadline))
                     for r in batch:
                         k = self._keys(r.session_id)
                         config = "" if r.config is None else to_json(r.config)
@@ -327,6 +367,8 @@ class RedisStore:
                             config,
                         )
                     replies = await p.execute(raise_on_error=False)
+                    if journaled:
+                        replies = replies[1:]  # the ZADD's
                 if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
                     # Redis restarted or flushed its scripts: load it, send the batch again.
                     await self._redis.script_load(lua.RENEW)
@@ -358,6 +400,104 @@ class RedisStore:
             more = cast(list[str] | None, await self._cancel_waits.lpop(key, CANCEL_DRAIN))
         return [cast(str, popped[1]), *(more or [])]
 
+    # -- journals and adoption -------------------------------------------------------------
+
+    def _lease_deadline_ms(self) -> int:
+        return round(time.time() * 1000) + self._lease_ms
+
+    async def _mark_journaled(self, session_ids: Sequence[str]) -> None:
+        deadline = self._lease_deadline_ms()
+        with _unavailable("recording a resumable session"):
+            await self._redis.zadd(self._journaled_key, dict.fromkeys(session_ids, deadline))
+
+    async def append_audio(self, writes: Sequence[JournalWrite]) -> dict[str, bool]:
+        """One pipelined round trip for every session's bytes (one ``JOURNAL`` script each)."""
+        replies: list[Any] = []
+        ttl = self._lease_ms + self._retention_ms
+        for attempt in range(2):
+            with _unavailable("keeping received audio"):
+                async with self._redis.pipeline(transaction=False) as p:
+                    for w in writes:
+                        k = self._keys(w.session_id)
+                        p.evalsha(
+                            self._journal.sha,
+                            2,
+                            k.session,
+                            k.audio,
+                            self.worker_id,
+                            w.offset,
+                            w.data,
+                            w.input_end or "",
+                            ttl,
+                        )
+                    replies = await p.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                await self._redis.script_load(lua.JOURNAL)
+                continue
+            break
+        kept: dict[str, bool] = {}
+        errors: list[Exception] = []
+        for w, reply in zip(writes, replies, strict=True):
+            if isinstance(reply, Exception):
+                errors.append(reply)  # not written: missing from the answer, sent again
+            else:
+                kept[w.session_id] = reply[0] == "ok"
+                if reply[0] != "ok":
+                    log.warning(
+                        "a resumable session's journal is broken; it cannot be adopted",
+                        extra={"session_id": w.session_id, "why": reply[0], "at": reply[1]},
+                    )
+        if errors and not kept:
+            raise StoreUnavailable(f"Redis unavailable while keeping received audio: {errors[0]}")
+        return kept
+
+    async def read_audio(self, session_id: str, start: int, size: int) -> bytes:
+        with _unavailable("reading received audio"):
+            data = await self._raw.getrange(self._keys(session_id).audio, start, start + size - 1)
+        return cast(bytes, data)  # a client that does not decode
+
+    async def orphans(self, lapsed_for: float, limit: int) -> list[str]:
+        until = round((time.time() - lapsed_for) * 1000)
+        with _unavailable("looking for sessions to adopt"):
+            ids = await self._redis.zrangebyscore(
+                self._journaled_key, "-inf", until, start=0, num=limit
+            )
+        return [str(i) for i in ids]
+
+    async def adopt(self, session_id: str) -> Adoption | None:
+        k = self._keys(session_id)
+        token = secrets.token_hex(8)
+        args: list[str | int] = [
+            self.worker_id,
+            token,
+            self._lease_ms,
+            self._lease_ms + self._retention_ms,
+        ]
+        with _unavailable("adopting a session"):
+            reply: list[Any] = await self._adopt(keys=[k.session, k.lease, k.audio], args=args)
+        outcome = str(reply[0])
+        if outcome == "ok":
+            fields = reply[2:]
+            record = dict(zip(fields[::2], fields[1::2], strict=True))
+            await self._mark_journaled([session_id])
+            return Adoption(
+                config=parse_session_config(json.loads(record["config"])),
+                created_at=float(record["created_at"]),
+                started_at=float(record.get("started_at") or record["created_at"]),
+                received=int(reply[1]),
+                input_end=record.get("input_end") or None,
+                logged=LoggedProgress.from_record(record),
+                last_id=int(record.get("last_id") or 0),
+            )
+        if outcome == "leased":
+            return None  # its owner lives after all (or another worker adopted it just now)
+        if outcome == "nojournal":
+            # Not resumable, or its journal is broken: nothing to go on from.
+            await self._settle(session_id, adopting=False)
+        with _unavailable("looking for sessions to adopt"):
+            await self._redis.zrem(self._journaled_key, session_id)
+        return None
+
     async def ping(self) -> None:
         with _unavailable("checking readiness"):
             await self._redis.ping()
@@ -366,6 +506,7 @@ class RedisStore:
         await self._redis.aclose()
         await self._blocking.aclose()
         await self._cancel_waits.aclose()
+        await self._raw.aclose()
 
     # -- events -------------------------------------------------------------------------------
 
@@ -375,7 +516,9 @@ class RedisStore:
         # Unique per append, so a retry whose first attempt landed is recognised; the id comes
         # from Redis, so an append cancelled after it landed leaves no gap or duplicate.
         token = secrets.token_hex(8)
-        reply = await self._append_event(session_id, "running", self.worker_id, token, data)
+        reply = await self._append_event(
+            session_id, "running", self.worker_id, token, data, progress=mark(event)
+        )
         if reply[0] == "ok":
             return LoggedEvent(id=int(reply[1]), type=event.type, data=data)
         if reply[0] == "missing":
@@ -395,6 +538,7 @@ class RedisStore:
         data: Mapping[str, Any],
         *,
         lease_gone: bool = False,
+        progress: Mark = NO_MARK,
     ) -> list[Any]:
         k = self._keys(session_id)
         kind = str(data["type"])
@@ -412,9 +556,13 @@ class RedisStore:
             str(data["reason"]) if is_end else "",
             repr(time.time()),
             self._retention_ms,
+            " ".join(progress.counts),
+            progress.set_field,
+            progress.set_value,
         ]
+        keys = [k.session, k.events, k.lease, k.audio]
         with _unavailable("appending an event"):
-            reply: list[Any] = await self._append(keys=[k.session, k.events, k.lease], args=args)
+            reply: list[Any] = await self._append(keys=keys, args=args)
         return reply
 
     async def _end_unowned(
@@ -443,29 +591,41 @@ class RedisStore:
         summary: dict[str, Any] = json.loads(raw or "{}")
         return summary
 
-    async def _settle(self, session_id: str) -> str:
+    async def _settle(self, session_id: str, *, adopting: bool = True) -> str:
         """A reader found nothing new: is anyone still going to write?
 
-        Returns "ended", "live" (an owner holds the lease, or the start deadline has not
-        passed), or writes the ``end`` of a session whose lease is gone and returns "ended"."""
+        Returns "ended", "live" (an owner holds the lease, the start deadline has not passed,
+        or a resumable session's owner died and another worker will adopt it), or writes the
+        ``end`` of a session whose lease is gone and returns "ended". ``adopting=False``: the
+        session cannot be adopted (its journal is broken)."""
         k = self._keys(session_id)
         with _unavailable("checking a session's owner"):
             async with self._redis.pipeline(transaction=False) as p:
-                p.hmget(k.session, "state", "summary")
+                p.hmget(k.session, "state", "summary", "journal")
                 p.exists(k.lease)
-                (state, summary), leased = await p.execute()
+                p.zscore(self._journaled_key, session_id)
+                (state, summary, journal), leased, lapsed_ms = await p.execute()
         if state is None:
             raise _gone(session_id)
         if state == "ended":
             return "ended"
         if leased:
             return "live"
+        if adopting and self._adoptable(state, journal, lapsed_ms):
+            return "live"  # a worker's sweep adopts it within a second or so
         reason = EndReason.WORKER_LOST if state == "running" else EndReason.UNSTARTED_TIMEOUT
         outcome = await self._end_unowned(
             session_id, state, reason, json.loads(summary or "{}"), lease_gone=True
         )
         # "leased": the owner renewed just now after all.
         return "live" if outcome == "leased" else "ended"
+
+    @staticmethod
+    def _adoptable(state: str, journal: str | None, lapsed_ms: float | None) -> bool:
+        """Whether a session without a lease is for another worker to adopt (not to end)."""
+        if state != "running" or journal != "ok" or lapsed_ms is None:
+            return False
+        return time.time() * 1000 - lapsed_ms < ADOPT_GIVE_UP_S * 1000
 
     async def follow(self, session_id: str, after: int = 0) -> AsyncIterator[LoggedEvent]:
         """Replay from ``after``, then follow live, until ``end``. Blocks at most a poll interval
@@ -501,11 +661,13 @@ class RedisEventLog:
     """One session's Redis Stream as an ``EventLog``. The owner's instance appends, one append
     in flight at a time so that ids follow the order of the emits; any instance follows."""
 
-    def __init__(self, store: RedisStore, session_id: str, *, owned: bool) -> None:
+    def __init__(
+        self, store: RedisStore, session_id: str, *, owned: bool, last_id: int = 0
+    ) -> None:
         self._store = store
         self.session_id = session_id
         self._owned = owned
-        self._last = 0
+        self._last = last_id
         self._closed = False
         self._lock = anyio.Lock()
 
