@@ -35,6 +35,10 @@ class FanOutObserver(SessionObserver):
         for o in self.observers:
             o.session_refused(cause)
 
+    def session_adopted(self, session: Session) -> None:
+        for o in self.observers:
+            o.session_adopted(session)
+
     def session_ended(self, session: Session) -> None:
         for o in self.observers:
             o.session_ended(session)

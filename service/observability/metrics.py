@@ -209,6 +209,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.sessions_adopted = Counter(
+            "streamer_sessions_adopted",
+            "Resumable sessions this worker took over from a worker that died (shared store): "
+            "their audio so far was processed again here, and their upload goes on here",
+            registry=r,
+        )
         self.sessions_refused = Counter(
             "streamer_sessions_refused",
             "New sessions turned away (503 too_many_sessions / server_overloaded), by cause: "
@@ -411,6 +417,9 @@ class MetricsObserver(SessionObserver, ModelObserver):
     def session_started(self, session: Session) -> None:
         self.m.sessions_active.labels("created").dec()
         self.m.sessions_active.labels("running").inc()
+
+    def session_adopted(self, session: Session) -> None:
+        self.m.sessions_adopted.inc()
 
     def session_ended(self, session: Session) -> None:
         m = self.m

@@ -25,6 +25,9 @@ class SessionObserver:
         """A new session was turned away for capacity (max_sessions, event_loop, opus_decoder,
         model)."""
 
+    def session_adopted(self, session: Session) -> None:
+        """This worker took over a resumable session whose worker died (shared store)."""
+
     def session_ended(self, session: Session) -> None:
         pass
 

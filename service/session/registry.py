@@ -308,6 +308,7 @@ class Registry:
         session = Session(session_id, adoption.config, log_, self.runtime)
         self._own(session)
         receive = session.open_adopted(adoption)
+        self.runtime.observer.session_adopted(session)
         replay = self._journaled_audio(session_id, adoption.received)
         self._tg.start_soon(
             self._run_owned, session, receive, claimed_at, replay, name=f"session {session_id}"

@@ -9,10 +9,17 @@ Keys of a session (``P`` is the prefix, ``ID`` the session id):
 - ``P:{ID}:session`` hash: ``state`` (created, running, ended), ``config``, ``created_at``,
   ``started_at``, ``ended_at``, ``end_reason``, ``summary`` (JSON counters), ``last_id``,
   ``last_token`` (the token of the append that wrote it), ``owner`` (the worker running its
-  pipeline), ``claim`` (the owner's claim token), ``cancel_requested``.
+  pipeline), ``claim`` (the owner's claim token), ``cancel_requested``; for a resumable session
+  ``journal`` (``ok``, or ``broken`` after a gap), ``input_end`` (the reason its input ended),
+  ``adoptions``; and the log's progress, ``p:*`` (``service/events/progress.py``).
+- ``P:{ID}:audio`` string: a resumable session's received bytes, its journal (``JOURNAL``), from
+  which another worker adopts the session if its owner dies (``ADOPT``).
 - ``P:{ID}:events`` stream: entry ``0-N`` is event N (fields ``t`` type, ``d`` JSON data).
 - ``P:{ID}:lease`` string with a TTL: while created, the start deadline; while running, the
   owner's lease, refreshed by the owner. Its absence means nobody will write any more.
+
+``P:journaled`` sorted set: resumable sessions by when their lease lapses (ms since the epoch),
+updated by their owners' renewals: where every worker's sweep looks for sessions to adopt.
 
 Keys of a worker (``W`` its worker id), one per worker however many sessions it runs:
 - ``P:worker:{W}:cancels`` list of session ids: a DELETE on another worker sets the session's

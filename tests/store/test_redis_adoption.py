@@ -9,6 +9,7 @@ twice, ids without gaps."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,7 +79,7 @@ async def _first_events(client: httpx.AsyncClient, url: str, finals: int) -> lis
 
 async def _resume_anywhere(
     client: httpx.AsyncClient, workers: list[Server], sid: str, data: bytes
-) -> httpx.Response:
+) -> tuple[httpx.Response, int]:
     """What a client behind a load balancer does once its worker is gone: ask where the
     upload stands, and resume there, on whichever worker takes it (421: another one runs it,
     try the next; 409: the offset moved)."""
@@ -96,9 +97,20 @@ async def _resume_anywhere(
             offset = int(r.headers["upload-offset"])
             continue
         if r.status_code != 421:
-            return r
+            return r, offset
         await anyio.sleep(0.05)
     raise AssertionError("no worker took the resume")
+
+
+async def _adopted(client: httpx.AsyncClient, workers: list[Server]) -> float:
+    """Sessions adopted so far by ``workers`` (their /metrics)."""
+    total = 0.0
+    for w in workers:
+        text = (await client.get(f"{w.url}/metrics")).text
+        match = re.search(r"^streamer_sessions_adopted_total (\S+)$", text, re.M)
+        assert match, "streamer_sessions_adopted_total is missing"
+        total += float(match.group(1))
+    return total
 
 
 def _assert_whole(events: list[SseEvent]) -> None:
@@ -116,19 +128,24 @@ async def test_owner_killed_mid_upload_resumed_on_another_worker_equals_uncut(
     a, b = pair
     async with httpx.AsyncClient(timeout=30) as client:
         with anyio.fail_after(60):
+            adopted = await _adopted(client, pair)
             sid = (await client.post(f"{a.url}/v1/sessions", json={"resumable": True})).json()["id"]
             sock = start_chunked(f"{owner.url}/v1/sessions/{sid}/audio", {"Upload-Offset": "0"})
             try:
                 send_chunks(sock, WAV[: len(WAV) * 2 // 3])
-                # Some results are out (and more are on their way) when the owner dies.
+                # Some results are out (and more are on their way) when the owner dies, and
+                # some of the audio is in its journal (written every 0.25 s).
                 before = await _first_events(client, f"{b.url}/v1/sessions/{sid}/events", 1)
+                await anyio.sleep(0.5)
                 owner.process.kill()
                 owner.process.wait(5)
             finally:
                 reset(sock)
-            r = await _resume_anywhere(client, [b, a], sid, WAV)
+            r, offset = await _resume_anywhere(client, [b, a], sid, WAV)
             assert r.status_code == 200, r.text
+            assert 0 < offset <= len(WAV) * 2 // 3  # it resumed from the journal's end
             events = await read_all(client, f"{b.url}/v1/sessions/{sid}/events")
+            assert await _adopted(client, pair) == adopted + 1
     _assert_whole(events)
     assert [e.data for e in events[: len(before)]] == [e.data for e in before]
     assert shape(events) == expected

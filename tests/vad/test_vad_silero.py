@@ -11,7 +11,15 @@ import numpy.typing as npt
 import onnxruntime as ort
 import pytest
 
-from service.vad.silero import CONTEXT, FRAME, VadStream, load_session, model_path, step
+from service.vad.silero import (
+    CONTEXT,
+    FRAME,
+    VadStream,
+    forward_frames,
+    load_session,
+    model_path,
+    step,
+)
 
 ROOT = Path(__file__).parent.parent.parent
 
@@ -100,3 +108,42 @@ def test_batched_step_equals_unbatched(
     )
     np.testing.assert_allclose(together, np.stack(alone), rtol=0, atol=1e-6)
     assert np.stack(alone).max() > 0.9  # the comparison covers speech, not only silence
+
+
+def test_probabilities_do_not_depend_on_batching(
+    onnx_session: ort.InferenceSession, speech: npt.NDArray[np.float32]
+) -> None:
+    """Bit for bit, not within a tolerance: a session adopted by another worker (its owner died,
+    docs/resume.md) is segmented again over the same audio, batched with whatever sessions run
+    there and many frames per call (the replay runs ahead of real time), and must find exactly
+    the speech its log already holds, or events would be skipped or repeated."""
+    steps = 120
+    clip = speech[0, : steps * FRAME].reshape(steps, FRAME)
+    alone = probabilities(onnx_session, clip.reshape(-1))
+    rng = np.random.default_rng(7)
+    for others in (1, 7, 31):
+        streams = [VadStream() for _ in range(others + 1)]
+        noise = rng.standard_normal((steps, others, FRAME)).astype(np.float32) * 0.1
+        batched = np.array(
+            [
+                step(onnx_session, streams, np.vstack([clip[t : t + 1], noise[t]]))[0]
+                for t in range(steps)
+            ]
+        )
+        assert np.array_equal(batched, alone), others
+    for k in (2, 16, 64):
+        state = np.zeros((2, 1, 128), np.float32)
+        context = np.zeros(CONTEXT, np.float32)
+        out: list[float] = []
+        for start in range(0, steps, k):
+            frames = clip[start : start + k]
+            inputs = np.empty((1, len(frames), CONTEXT + FRAME), np.float32)
+            for j, frame in enumerate(frames):
+                inputs[0, j, :CONTEXT], inputs[0, j, CONTEXT:] = context, frame
+                context = frame[-CONTEXT:]
+            probs, state = forward_frames(
+                onnx_session, inputs, state, np.array([len(frames)], np.int32)
+            )
+            out.extend(probs[0, : len(frames)])
+        assert np.array_equal(np.array(out, np.float32), alone), k
+    assert alone.max() > 0.9  # the comparison covers speech, not only silence
