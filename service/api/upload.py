@@ -72,6 +72,13 @@ async def upload_audio(request: Request) -> Response:
             await session.done.wait()
         body = {"id": session.id, **session.status(), **links(request, session.id)}
         error = session.error
+        if session.end_reason is EndReason.HANDED_OFF:
+            # Not an end: the session goes on in another worker, from its kept audio.
+            error = StreamerError(
+                ErrorCode.SHUTTING_DOWN,
+                "this worker is shutting down; the session goes on in another one: resume the "
+                "upload there (HEAD for its Upload-Offset)",
+            )
         response = error_response(error, session=body) if error else JSONResponse(body)
     response.headers[OFFSET_HEADER] = str(session.counters.bytes_in)
     if not complete and _http1(request):

@@ -234,6 +234,21 @@ async def _upload_resuming(
         if response.status_code == 409 and code == "offset_mismatch":
             offset = int(response.headers.get("upload-offset", "0"))
             continue
+        if response.status_code == 503 and code == "shutting_down" and cuts < 50:
+            # Its worker shut down and handed the session to another one: resume there.
+            cuts += 1
+            renderer.note(f"upload cut at byte {replay.read} (the server restarts); resuming")
+            try:
+                offset, state = await server_offset(client, url, renderer.note)
+            except ClientFailure as failure:
+                problem = str(failure)
+                break
+            if state == "ended":
+                problem = "the session ended before the upload could resume"
+                break
+            if state != "awaiting_resume":
+                await anyio.sleep(0.25)  # not adopted yet: the next try may reach the adopter
+            continue
         if response.status_code == 421 and code == "session_elsewhere" and cuts < 50:
             cuts += 1  # another worker took the connection: a new one may reach the owner
             await anyio.sleep(0.05)

@@ -47,6 +47,7 @@ class AudioJournal:
         self._tg = task_group
         self._interval_s = interval_s
         self._pending: dict[str, _Pending] = {}
+        self._writing_now: dict[str, _Pending] = {}  # the batch being written
         self._sessions: set[str] = set()  # journaled here and not broken
         self._writing = False
         self._now = anyio.Event()  # set to write at once (a cut, an end)
@@ -89,6 +90,20 @@ class AudioJournal:
             self._now.set()
             self._start()
 
+    def keeps(self, session_id: str) -> bool:
+        """Whether the session's journal holds (or will hold) every byte it received."""
+        return session_id in self._sessions
+
+    async def flush(self, session_id: str) -> bool:
+        """Write the session's pending bytes now and wait until they are written; returns
+        whether its journal holds every byte."""
+        while (
+            pending := self._pending.get(session_id) or self._writing_now.get(session_id)
+        ) is not None:
+            self.write_now()
+            await pending.kept.wait()
+        return self.keeps(session_id)
+
     def behind(self, session_id: str) -> bool:
         pending = self._pending.get(session_id)
         return pending is not None and len(pending.data) > MAX_PENDING_BYTES
@@ -114,6 +129,7 @@ class AudioJournal:
                     await self._now.wait()
                 self._now = anyio.Event()
                 batch, self._pending = self._pending, {}
+                self._writing_now = batch
                 writes = [
                     JournalWrite(sid, p.offset, bytes(p.data), p.input_end)
                     for sid, p in batch.items()
@@ -130,6 +146,7 @@ class AudioJournal:
                     await anyio.sleep(min(self._interval_s, 0.5))
                 else:
                     failing = False
+                self._writing_now = {}
                 for sid, pending in batch.items():
                     written = kept.get(sid)
                     if written is None and sid in self._sessions:
@@ -140,12 +157,13 @@ class AudioJournal:
                     pending.kept.set()
         except Exception:
             log.exception("audio journal failed; sessions running here cannot be adopted")
-            for pending in self._pending.values():
+            for pending in (*self._pending.values(), *self._writing_now.values()):
                 pending.kept.set()
             self._pending.clear()
             self._sessions.clear()
         finally:
             self._writing = False
+            self._writing_now = {}
 
     def _retry(self, session_id: str, pending: _Pending) -> None:
         newer = self._pending.get(session_id)

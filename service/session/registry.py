@@ -37,6 +37,7 @@ from service.session.session import (
     summarize,
 )
 from service.store import MemoryStore, SessionStore
+from service.store.base import ADOPT_AFTER_S
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ ADMITTED_HOLD_S = 10.0
 # long after the lease lapsed it adopts one. Until then an upload resuming it adopts it where
 # it lands (a client retries within a second or two), and so never has to find the adopter.
 SWEEP_S = 1.0
-ADOPT_AFTER_S = 1.0
 SWEEP_BATCH = 64
 # An adopted session's earlier audio is read back from the store this much at a time.
 REPLAY_READ_BYTES = 256 * 1024
@@ -250,7 +250,17 @@ class Registry:
         if session.config.resumable:
             session.journal = self._journal
             self._journal.open(session.id)
+            session.on_handoff = self._release
         self._add(session)
+
+    async def _release(self, session: Session) -> None:
+        """A resumable session handed over at shutdown: another worker adopts it now."""
+        self._leases.discard(session.id)
+        try:
+            await self.store.release(session.id)
+        except StoreUnavailable as exc:
+            # Its lease lapses on its own: adopted a lease later.
+            log.warning("handing a session over failed", extra={"error": str(exc)})
 
     async def resume(self, session_id: str, offset: int, fmt: PcmFormat | None = None) -> Session:
         """An upload that continues a resumable session at byte ``offset`` (``Upload-Offset``);
@@ -423,14 +433,17 @@ class Registry:
             self._unended.pop(session.id, None)
 
     async def shutdown(self, grace_seconds: float) -> None:
-        """Stop taking sessions, let live ones drain what they received, cancel the rest."""
+        """Stop taking sessions, let live ones drain what they received, cancel the rest.
+        A resumable session whose audio is kept in a shared store is handed over instead of
+        ended (``Session.hand_off``): another worker adopts it at once and takes its resumed
+        upload, so a rolling restart ends no recording."""
         self.accepting = False
         sessions = [s for s in self._sessions.values() if s.state is not SessionState.ENDED]
         for s in sessions:
             if s.state is SessionState.CREATED:
                 s.close_input(EndReason.SHUTDOWN)
                 await s.finish()
-            else:
+            elif not s.hand_off():
                 s.close_input(EndReason.SHUTDOWN)
         with anyio.move_on_after(grace_seconds):
             for s in sessions:

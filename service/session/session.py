@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -61,6 +61,9 @@ class EndReason(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSTARTED_TIMEOUT = "unstarted_timeout"
     WORKER_LOST = "worker_lost"  # its owner's lease lapsed (shared store only)
+    # Not an end for its clients: this worker shut down and another adopts the session (shared
+    # store, resumable). No `end` event; only this worker's metrics see it.
+    HANDED_OFF = "handed_off"
 
 
 class InputClosed(Exception):
@@ -160,6 +163,10 @@ class Session:
         self._replayed = anyio.Event()
         self._replayed.set()
         self._adopted_end: EndReason | None = None
+        # Set by hand_off(): at its end, the session is handed over rather than ended, and
+        # on_handoff (the registry) releases it to another worker.
+        self._handoff = False
+        self.on_handoff: Callable[[Session], Awaitable[None]] | None = None
 
     # -- ingest side ---------------------------------------------------------------------------
 
@@ -378,7 +385,7 @@ class Session:
         """End of input: the pipeline drains everything received, then the session ends."""
         if self._input_reason is None:
             self._input_reason = reason
-            if self.journal is not None and self._input is not None:
+            if self.journal is not None and self._input is not None and not self._handoff:
                 # An adopter ends it the same way, after its audio, not waiting for an upload.
                 self.journal.end(self.id, self.counters.bytes_in, reason.value)
         if self._input is not None and not self._sending and not self._replaying:
@@ -396,6 +403,26 @@ class Session:
             self.error = self.error or error
             await self.emit(Error(error.code.value, error.message))
         self.close_input(reason)
+
+    def hand_off(self) -> bool:
+        """This worker shuts down: hand the session over to another worker instead of ending
+        it, if its audio is all kept in the shared store (resumable). Its pipeline stops at
+        once, without draining: the audio's end has not come (draining would flush the decoder
+        and close the utterance in progress as if it had), and the adopter runs the pipeline
+        again over the kept audio, doing what this worker had not finished. Returns False (and
+        does nothing) otherwise."""
+        journal = self.journal
+        if (
+            journal is None
+            or not journal.keeps(self.id)
+            or self.on_handoff is None
+            or self.state is not SessionState.RUNNING
+            or self._cancel_reason is not None
+        ):
+            return False
+        self._handoff = True
+        self.cancel(EndReason.SHUTDOWN)
+        return True
 
     def finalize(self, done: FlushDone, channel: int | None = None) -> None:
         """End every open utterance (or only ``channel``'s) once the audio written so far has
@@ -602,9 +629,16 @@ class Session:
         reason = self._cancel_reason or self._input_reason or EndReason.COMPLETED
         if self.error is not None and reason is EndReason.COMPLETED:
             reason = EndReason.ERROR
-        self.end_reason = reason
         self.state = SessionState.ENDED
         self.ended_at = time.time()
+        if reason is EndReason.SHUTDOWN and await self._handed_over():
+            self.end_reason = EndReason.HANDED_OFF
+            await self.log.close()  # here; the log goes on, written by the adopter
+            self.runtime.observer.session_ended(self)
+            self.started.set()
+            self.done.set()
+            return
+        self.end_reason = reason
         if self._store_error is not None:
             # Reaches subscribers only if the store is back; the upload's response says it anyway.
             await self.emit(Error(self._store_error.code.value, self._store_error.message))
@@ -613,6 +647,22 @@ class Session:
         self.runtime.observer.session_ended(self)
         self.started.set()
         self.done.set()
+
+    async def _handed_over(self) -> bool:
+        """At a shutdown's end: hand the session over (see :meth:`hand_off`) once its journal
+        holds every byte received. False if it cannot be: it then ends ``shutdown``."""
+        if not self._handoff or self._store_error is not None or self.on_handoff is None:
+            return False
+        assert self.journal is not None
+        with anyio.move_on_after(self.runtime.settings.redis_timeout_seconds * 2):
+            if await self.journal.flush(self.id):
+                await self.on_handoff(self)
+                log.info(
+                    "session handed over to another worker",
+                    extra={"session_id": self.id, "offset": self.counters.bytes_in},
+                )
+                return True
+        return False
 
     # -- views ---------------------------------------------------------------------------------
 

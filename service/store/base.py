@@ -24,6 +24,10 @@ from service.config import SessionConfig
 from service.events.log import EventLog
 from service.events.progress import LoggedProgress
 
+# How long after a resumable session's lease lapsed the workers' sweeps adopt it (until then,
+# an upload resuming it adopts it where it lands, so the client need not find the adopter).
+ADOPT_AFTER_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -148,6 +152,11 @@ class SessionStore(Protocol):
         """Take over a resumable session whose owner died (its lease lapsed): this worker is
         its owner from now on. None if it is not to be adopted (ended, its owner alive, or
         unknown); a session that cannot be (no journal) is ended ``worker_lost`` here."""
+        ...
+
+    async def release(self, session_id: str) -> None:
+        """Give up a resumable session this worker runs, without ending it (this worker shuts
+        down): another worker adopts it at once, from its journal."""
         ...
 
     async def ping(self) -> None:

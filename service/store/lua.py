@@ -148,6 +148,18 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return {'ok', have}
 """
 
+# KEYS: session, lease
+# ARGV: 1 worker id
+# The owner gives a running session up without ending it (it shuts down): its lease goes at
+# once, so that another worker adopts it. Returns 1, or 0 if this worker did not own it.
+RELEASE = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if h[1] ~= 'running' or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', '')
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
 # KEYS: session, lease, audio
 # ARGV: 1 worker id, 2 claim token, 3 lease ms, 4 key TTL ms
 # Takes over a running resumable session whose owner's lease lapsed: this worker becomes its

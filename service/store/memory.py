@@ -76,6 +76,9 @@ class MemoryStore:
     async def adopt(self, session_id: str) -> Adoption | None:
         return None
 
+    async def release(self, session_id: str) -> None:
+        pass  # never journaled here, so never handed over
+
     async def ping(self) -> None:
         pass
 

@@ -45,7 +45,7 @@ from service.events.types import End, Event, LoggedEvent
 from service.session.session import EndReason
 from service.settings import Settings
 from service.store import lua
-from service.store.base import Adoption, Claim, JournalWrite, Lease, Renewal
+from service.store.base import ADOPT_AFTER_S, Adoption, Claim, JournalWrite, Lease, Renewal
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class RedisStore:
         self._cancel = self._redis.register_script(lua.CANCEL)
         self._journal = self._redis.register_script(lua.JOURNAL)
         self._adopt = self._redis.register_script(lua.ADOPT)
+        self._release = self._redis.register_script(lua.RELEASE)
         # Resumable sessions by when their lease lapses (ms since the epoch, as their owner
         # last renewed it): where workers look for sessions to adopt.
         self._journaled_key = f"{settings.redis_prefix}:journaled"
@@ -497,6 +498,14 @@ class RedisStore:
         with _unavailable("looking for sessions to adopt"):
             await self._redis.zrem(self._journaled_key, session_id)
         return None
+
+    async def release(self, session_id: str) -> None:
+        k = self._keys(session_id)
+        # As if its lease had lapsed ADOPT_AFTER_S ago: the next sweep anywhere adopts it.
+        lapsed = round((time.time() - ADOPT_AFTER_S) * 1000)
+        with _unavailable("handing a session over"):
+            if await self._release(keys=[k.session, k.lease], args=[self.worker_id]):
+                await self._redis.zadd(self._journaled_key, {session_id: lapsed})
 
     async def ping(self) -> None:
         with _unavailable("checking readiness"):

@@ -10,6 +10,8 @@ twice, ids without gaps."""
 from __future__ import annotations
 
 import re
+import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,3 +228,47 @@ async def test_a_session_not_created_resumable_still_ends_worker_lost(
                 reset(sock)
             events = await read_all(client, f"{b.url}/v1/sessions/{sid}/events")
     assert events[-1].data["reason"] == "worker_lost"
+
+
+def _read_response_head(sock: socket.socket) -> str:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = sock.recv(4096)
+        if not part:
+            break
+        data += part
+    return data.decode("latin-1")
+
+
+async def test_owner_shut_down_mid_upload_hands_the_session_over(
+    pair: list[Server], owner: Server, expected: list[tuple[object, ...]]
+) -> None:
+    """A rolling restart: SIGTERM to the owner drains what it received, answers the upload
+    ``503 shutting_down`` with its offset, and hands the session over (no ``end``): another
+    worker adopts it at once and the resumed upload finishes it as if nothing happened."""
+    a, b = pair
+    async with httpx.AsyncClient(timeout=30) as client:
+        with anyio.fail_after(60):
+            adopted = await _adopted(client, pair)
+            sid = (await client.post(f"{a.url}/v1/sessions", json={"resumable": True})).json()["id"]
+            url = f"{owner.url}/v1/sessions/{sid}/audio"
+            sock = start_chunked(url, {"Upload-Offset": "0"})
+            try:
+                send_chunks(sock, WAV[: len(WAV) // 2])
+                while (await head_offset(client, url))[0] < len(WAV) // 2:
+                    await anyio.sleep(0.01)
+                owner.process.send_signal(signal.SIGTERM)
+                head = await anyio.to_thread.run_sync(_read_response_head, sock)
+            finally:
+                reset(sock)
+            assert head.startswith("HTTP/1.1 503"), head
+            assert "upload-offset: " + str(len(WAV) // 2) in head.lower(), head
+            await anyio.to_thread.run_sync(owner.process.wait, 15)
+            r, offset = await _resume_anywhere(client, [b, a], sid, WAV)
+            assert r.status_code == 200, r.text
+            assert offset == len(WAV) // 2  # everything received was kept: nothing to resend
+            events = await read_all(client, f"{b.url}/v1/sessions/{sid}/events")
+            assert await _adopted(client, pair) == adopted + 1
+    _assert_whole(events)
+    assert shape(events) == expected
+    assert [e.data["reason"] for e in events if e.event == "end"] == ["completed"]
