@@ -9,16 +9,21 @@ twice, ids without gaps."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
+from tests.api.test_ws_resume import _as_sse, _drain, _received_until, _uncut, _ws_url
 from tests.conftest import DATA, Server, start_server, stop_server
 from tests.resume_helpers import head_offset, reset, send_chunks, shape, start_chunked
 from tests.sse_client import SseEvent, iter_sse, read_all
@@ -28,6 +33,7 @@ from tests.store.test_redis_workers import redis_env, start_servers
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
 WAV = (DATA / "speech.wav").read_bytes()
+WEBM = (DATA / "speech.webm").read_bytes()
 GRACE_S = 4.0
 
 
@@ -272,3 +278,53 @@ async def test_owner_shut_down_mid_upload_hands_the_session_over(
     _assert_whole(events)
     assert shape(events) == expected
     assert [e.data["reason"] for e in events if e.event == "end"] == ["completed"]
+
+
+async def test_ws_upload_of_webm_survives_its_worker(pair: list[Server], owner: Server) -> None:
+    """Over the WebSocket, with a container split anywhere: the adopter's new decoder reads the
+    kept WebM from its first byte, and the resume on another worker continues it."""
+    a, b = pair
+    with anyio.fail_after(90):
+        expected = await _uncut(a, WEBM)
+        got: list[dict[str, Any]] = []
+        ws = await connect(_ws_url(owner))
+        await ws.send(json.dumps({"request": "start", "resumable": True}))
+        started = json.loads(await ws.recv())
+        sid = started["session_id"]
+        for i in range(0, len(WEBM) // 2, 3000):
+            await ws.send(WEBM[i : min(i + 3000, len(WEBM) // 2)])
+        while not any(f.get("is_final") for f in got):
+            await _received_until(ws, got, 0.2)
+        await anyio.sleep(0.5)  # some of it is in the journal
+        owner.process.kill()
+        owner.process.wait(5)
+        await _drain(ws, got)  # the connection dies with the worker
+        offset, resumed = 0, None
+        for attempt in range(100):
+            ws = await connect(_ws_url([b, a][attempt % 2]))
+            events = [f for f in got if f["type"] != "started"]
+            await ws.send(
+                json.dumps(
+                    {"request": "resume", "id": sid, "offset": offset, "last_event_id": len(events)}
+                )
+            )
+            try:
+                reply = json.loads(await ws.recv())
+            except ConnectionClosed:
+                continue
+            if reply["type"] == "error" and reply["code"] == "offset_mismatch":
+                offset = reply["offset"]
+                await ws.close()
+                continue
+            if reply["type"] == "started":
+                resumed = reply
+                break
+            await ws.close()  # session_elsewhere: the dead owner's lease has not lapsed yet
+            await anyio.sleep(0.1)
+        assert resumed is not None and resumed["offset"] == offset > 0
+        for i in range(offset, len(WEBM), 3000):
+            await ws.send(WEBM[i : i + 3000])
+        await ws.send(json.dumps({"request": "stop", "disconnect": True}))
+        await _drain(ws, got)
+    assert shape(_as_sse(got)) == expected
+    assert got[-1]["type"] == "end" and got[-1]["reason"] == "completed"
