@@ -23,6 +23,7 @@ p99 < 250 ms and final p99 < 3.5 s; "held" = on target with none refused.
     .venv/bin/python benchmarks/model_stage.py --model-options '{"max_batch_size": 1}'
     .venv/bin/python benchmarks/model_stage.py --free           # the free model beside it
     .venv/bin/python benchmarks/model_stage.py --workers 2      # two workers and Redis
+    .venv/bin/python benchmarks/model_stage.py --workers 2 --resumable  # the journal's cost
 
 (``max_batch_size`` 1 is past capacity: 4 threads x ~1 s per utterance hold ~10 streams.)
 """
@@ -30,6 +31,7 @@ p99 < 250 ms and final p99 < 3.5 s; "held" = on target with none refused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -132,8 +134,10 @@ async def scrape(url: str, workers: int) -> dict[str, float]:
     return out
 
 
-async def step(opts: Options, n: int, workers: int) -> dict[str, Any]:
+async def step(opts: Options, n: int, workers: int, resumable: bool = False) -> dict[str, Any]:
     audio = raw_audio(opts.duration, opts.chunk_ms)
+    if resumable:  # with Redis, every byte is journaled
+        audio = dataclasses.replace(audio, config={**audio.config, "resumable": True})
     await wait_idle(opts.url)
     before = await scrape(opts.url, workers)
     result = await run_step(opts, audio, n)
@@ -213,6 +217,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--free", action="store_true", help="a free model (no sleep) instead")
     p.add_argument("--workers", type=int, default=1, help=">1: several workers sharing Redis")
     p.add_argument(
+        "--resumable",
+        action="store_true",
+        help='sessions created {"resumable": true} (with --workers: their audio kept in Redis)',
+    )
+    p.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="more server settings"
     )
     return p.parse_args(argv)
@@ -232,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ns = [int(n) for n in args.streams.split(",")]
     rows: list[dict[str, Any]] = []
     print(
-        f"model {json.dumps(model)}, {args.threads} threads, {args.workers} worker(s); "
+        f"model {json.dumps(model)}, {args.threads} threads, {args.workers} worker(s)"
+        f"{', resumable' if args.resumable else ''}; "
         f"{args.duration:g} s streams started {args.ramp_ms:g} ms apart; "
         f"load average {os.getloadavg()[0]:.2f}",
         flush=True,
@@ -261,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
                 async def go(opts: Options = opts, n: int = n) -> dict[str, Any]:
                     await warm_up(opts.url, False)
-                    return await step(opts, n, args.workers)
+                    return await step(opts, n, args.workers, args.resumable)
 
                 row = anyio.run(go)
             finally:

@@ -234,10 +234,11 @@ async def _upload_resuming(
         if response.status_code == 409 and code == "offset_mismatch":
             offset = int(response.headers.get("upload-offset", "0"))
             continue
-        if response.status_code == 503 and code == "shutting_down" and cuts < 50:
-            # Its worker shut down and handed the session to another one: resume there.
+        if response.status_code == 503 and code in RESUMABLE_REFUSALS and cuts < 50:
+            # Its worker shut down and handed the session over, or lost Redis (and with it the
+            # session, which another worker adopts from what was kept): resume it.
             cuts += 1
-            renderer.note(f"upload cut at byte {replay.read} (the server restarts); resuming")
+            renderer.note(f"upload cut at byte {replay.read} ({code}); resuming")
             try:
                 offset, state = await server_offset(client, url, renderer.note)
             except ClientFailure as failure:
@@ -263,6 +264,10 @@ async def _upload_resuming(
     if not ended.is_set():
         outcome.failure = problem
         tg.cancel_scope.cancel()
+
+
+# Upload answers after which a resumable session goes on elsewhere: resume, as after a cut.
+RESUMABLE_REFUSALS = frozenset({"shutting_down", "store_unavailable"})
 
 
 def _error_code(response: httpx.Response) -> str | None:
