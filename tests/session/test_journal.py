@@ -245,3 +245,30 @@ async def test_catch_up_waits_while_too_much_is_pending(make: JournalFactory) ->
             await caught_up.wait()
     assert len(store.journals["a"]) == 100 + MAX_PENDING_BYTES
 
+
+async def test_catch_up_goes_on_when_the_journal_gives_up(make: JournalFactory) -> None:
+    """Regression: an unexpected failure of the store ends the journal's writer, which gave up
+    on what was pending but not on the batch it was writing: an upload waiting for that batch
+    waited for ever."""
+    journal, store = make(10.0, "a")
+    store.crash = True
+    store.gate = anyio.Event()
+    journal.add("a", 0, b"y" * (MAX_PENDING_BYTES + 1))
+
+    async with anyio.create_task_group() as tg:
+        done = anyio.Event()
+
+        async def upload() -> None:
+            await journal.catch_up("a")
+            done.set()
+
+        tg.start_soon(upload)
+        await until(lambda: len(store.calls) == 1)
+        store.gate.set()
+        with anyio.fail_after(2):
+            await done.wait()
+    # Given up: the session is journaled no more.
+    journal.add("a", MAX_PENDING_BYTES + 1, b"z")
+    journal.write_now()
+    await anyio.sleep(0.05)
+    assert len(store.calls) == 1
