@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from service.config import SessionConfig
-from service.errors import StoreUnavailable
+from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.progress import LoggedProgress
 from service.events.types import Active, Error, Event, Inactive, LoggedEvent, Segment
 from service.session.session import Counters, summarize
@@ -263,3 +263,17 @@ async def test_an_orphan_awaits_its_adoption_for_a_while(
     status = await other.status(SID)
     assert (status["state"], status["end_reason"]) == ("ended", "worker_lost")
     assert await other.adopt(SID) is None
+
+
+async def test_a_new_upload_to_an_orphan_is_busy_not_ended(make_store: StoreFactory) -> None:
+    """Regression: claiming an orphan (a new upload, not a resuming one) answered
+    ``session_ended`` although the session runs on (another worker adopts it, and a resuming
+    upload continues it); it is ``session_busy``, as for a session whose owner lives."""
+    owner, other = make_store(), make_store()
+    await running(owner)
+    await lapsed(owner)
+    with pytest.raises(StreamerError) as refused:
+        await other.claim(SID)
+    assert refused.value.code is ErrorCode.SESSION_BUSY
+    assert (await record(other))["state"] == "running"
+    assert await other.adopt(SID) is not None
