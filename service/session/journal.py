@@ -123,6 +123,7 @@ class AudioJournal:
         """One task per worker: every interval (or at once when asked), write every session's
         pending bytes in one call. Runs while anything is pending."""
         failing = False
+        batch: dict[str, _Pending] = {}
         try:
             while self._pending:
                 with anyio.move_on_after(self._interval_s):
@@ -157,7 +158,8 @@ class AudioJournal:
                     pending.kept.set()
         except Exception:
             log.exception("audio journal failed; sessions running here cannot be adopted")
-            for pending in (*self._pending.values(), *self._writing_now.values()):
+            # The batch being written too: an upload may wait for it (catch_up).
+            for pending in (*batch.values(), *self._pending.values()):
                 pending.kept.set()
             self._pending.clear()
             self._sessions.clear()

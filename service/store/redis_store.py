@@ -233,9 +233,11 @@ class RedisStore:
             _not_found()
         if state == "running" and leased:
             raise StreamerError(ErrorCode.SESSION_BUSY, "this session already has an audio upload")
-        if state != "ended":
-            # Its start deadline passed, or its owner died: end it for everyone, then refuse.
-            await self._settle(session_id)
+        # Its start deadline passed, or its owner died: end it for everyone, then refuse; unless
+        # it lives on (a resumable session another worker adopts, to go on with a resuming
+        # upload, or its owner renewed just now).
+        if state != "ended" and await self._settle(session_id) == "live":
+            raise StreamerError(ErrorCode.SESSION_BUSY, "this session already has an audio upload")
         raise StreamerError(ErrorCode.SESSION_ENDED, "this session has ended; create a new one")
 
     async def status(self, session_id: str) -> dict[str, Any]:
