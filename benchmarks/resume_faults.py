@@ -23,7 +23,8 @@ of the cut by the server, the client's HEAD and the new connection together.
 ``--kill-worker``: the death of a worker instead of cuts. It starts redis-server (or uses
 ``--redis-url``) and ``--workers`` server processes of one deployment (same Redis and key
 prefix, a port each), creates every session on a survivor and uploads all of them to one worker,
-which it SIGKILLs ``--kill-after`` seconds after the last stream started. Each client notices
+which it SIGKILLs ``--kill-after`` seconds (plus a random part of ``--kill-jitter``: a death
+falls anywhere between two lease renewals) after the last stream started. Each client notices
 its connection die, asks ``HEAD`` (any worker that answers) until the session is
 ``awaiting_resume`` (the dead owner's lease has lapsed), then uploads at ``Upload-Offset`` to
 the workers in turn: on 421 the next one, on 409 ``offset_mismatch`` at the offset given, on a
@@ -245,9 +246,8 @@ async def run(args: argparse.Namespace, host: str, port: int) -> int:
 # -- --kill-worker: the worker running every upload dies -----------------------------------------
 
 ADOPTED = "adopted a session whose worker died"
-# How often a client asks whether a session awaits its upload again (while the dead owner's
-# lease runs out), and whether a resumed upload is being read (then the latency's resolution).
-AWAIT_POLL_S = 0.1
+# How often a client asks whether a resumed upload is being read (the latency's resolution);
+# how often it asks whether the session awaits its upload again is --poll-ms.
 ACCEPT_POLL_S = 0.01
 ELSEWHERE_PAUSE_S = 0.05  # after a 421, before the next worker
 
@@ -305,6 +305,7 @@ class Deployment:
 
     workers: list[tuple[str, int]]
     victim: tuple[str, int]
+    await_poll_s: float  # how often a client asks whether the session awaits its upload
     killed_at: float | None = None  # time.monotonic()
 
     @property
@@ -319,6 +320,7 @@ class KillResult:
     missing_ids: int = 0  # ids absent from 1..last in the session's log
     repeated_ids: int = 0  # ids seen more than once
     noticed_after: float | None = None  # kill -> the client saw its connection die
+    awaiting_after: float | None = None  # kill -> a HEAD said awaiting_resume (lease lapsed)
     resumed_after: float | None = None  # kill -> the resumed upload being read
     resent: int | None = None  # bytes sent before the cut minus the offset resumed at
     turned_away: Counter[str] = field(default_factory=Counter)
@@ -378,10 +380,12 @@ async def resume_anywhere(
     while True:
         offset, state = await head_any(rot, path)
         if state == "awaiting_resume":
+            if dep.killed_at is not None and result.awaiting_after is None:
+                result.awaiting_after = time.monotonic() - dep.killed_at
             break
         if state == "ended":
             raise RuntimeError("the session ended instead of awaiting its upload")
-        await asyncio.sleep(AWAIT_POLL_S)
+        await asyncio.sleep(dep.await_poll_s)
     for _ in range(1000):
         host, port = rot.next()
         try:
@@ -504,13 +508,18 @@ def spread(values: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
     return f"median {median(xs):{fmt}}  p95 {pct(xs, 0.95):{fmt}}  max {max(xs):{fmt}}"
 
 
-async def kill_run(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
+async def kill_run(args: argparse.Namespace, servers: list[Server], n: int) -> dict[str, Any]:
     victim = servers[0]
-    dep = Deployment([(s.host, s.port) for s in servers], (victim.host, victim.port))
+    dep = Deployment(
+        [(s.host, s.port) for s in servers], (victim.host, victim.port), args.poll_ms / 1000
+    )
     audio = wav_of(args.seconds)
     expected = await reference(*dep.survivors[0], audio)
     chunk = int(32000 * args.chunk_ms / 1000) // 2 * 2
     results = [KillResult() for _ in range(args.streams)]
+    # The owner renews its leases every third of the lease from its first session on: a fixed
+    # kill time would always fall at the same point between two renewals.
+    kill_after = args.kill_after + random.Random(f"{args.seed}-{n}").uniform(0, args.kill_jitter)
 
     async def guarded(i: int) -> None:
         try:
@@ -519,7 +528,7 @@ async def kill_run(args: argparse.Namespace, servers: list[Server]) -> dict[str,
             results[i].failure = f"{type(exc).__name__}: {exc}"
 
     async def kill() -> None:
-        await asyncio.sleep(args.ramp_s + args.kill_after)
+        await asyncio.sleep(args.ramp_s + kill_after)
         os.kill(victim.pid, signal.SIGKILL)
         dep.killed_at = time.monotonic()
 
@@ -535,6 +544,7 @@ async def kill_run(args: argparse.Namespace, servers: list[Server]) -> dict[str,
         turned.update(r.turned_away)
     return {
         "wall": wall,
+        "kill_after": kill_after,
         "load": Path("/proc/loadavg").read_text().split()[:3],
         "events": sum(expected.values()),
         "failures": [r.failure for r in results if r.failure],
@@ -543,6 +553,12 @@ async def kill_run(args: argparse.Namespace, servers: list[Server]) -> dict[str,
         "gapped": sum(1 for r in results if r.missing_ids or r.repeated_ids),
         "missing_ids": sum(r.missing_ids for r in results),
         "noticed": [r.noticed_after for r in results if r.noticed_after is not None],
+        "awaiting": [r.awaiting_after for r in results if r.awaiting_after is not None],
+        "own": [
+            r.resumed_after - r.awaiting_after
+            for r in results
+            if r.resumed_after is not None and r.awaiting_after is not None
+        ],
         "resumed": [r.resumed_after for r in results if r.resumed_after is not None],
         "resent": [float(r.resent) for r in results if r.resent is not None],
         "turned": turned,
@@ -556,8 +572,10 @@ def run_kill(args: argparse.Namespace) -> int:
     print(f"machine: {machine()}")
     print(
         f"{args.streams} streams x {args.seconds:g} s at real time, all uploading to 1 of "
-        f"{args.workers} workers, SIGKILLed {args.kill_after:g} s after the last started; "
-        f"lease {lease}; model options {args.model_options}"
+        f"{args.workers} workers, SIGKILLed {args.kill_after:g}-"
+        f"{args.kill_after + args.kill_jitter:g} s after the last started; "
+        f"lease {lease}; model options {args.model_options}; clients HEAD every "
+        f"{args.poll_ms:g} ms until awaiting_resume"
     )
     runs: list[dict[str, Any]] = []
     try:
@@ -572,7 +590,7 @@ def run_kill(args: argparse.Namespace) -> int:
             with ThreadPoolExecutor(args.workers) as pool:
                 servers = list(pool.map(start_server, [env] * args.workers))
             try:
-                r = asyncio.run(kill_run(args, servers))
+                r = asyncio.run(kill_run(args, servers, n))
             finally:
                 for server in servers[1:]:
                     server.stop()
@@ -582,7 +600,10 @@ def run_kill(args: argparse.Namespace) -> int:
             turned = ", ".join(f"{k} {v}" for k, v in sorted(r["turned"].items())) or "none"
             adopted = ", ".join(f"{k} {v}" for k, v in sorted(r["adopted"].items())) or "none"
             failures = r["failures"]
-            print(f"run {n + 1}: load {' '.join(r['load'])}, wall {r['wall']:.1f} s")
+            print(
+                f"run {n + 1}: load {' '.join(r['load'])}, wall {r['wall']:.1f} s, killed "
+                f"{r['kill_after']:.2f} s after the last stream started"
+            )
             print(f"  events per stream (uncut): {r['events']}")
             print(
                 f"  lost {r['lost']}, duplicated {r['duplicated']}, sessions with id gaps "
@@ -590,7 +611,9 @@ def run_kill(args: argparse.Namespace) -> int:
                 + (f" (first: {failures[0]})" if failures else "")
             )
             print(f"  kill -> client noticed, s: {spread(r['noticed'])}")
+            print(f"  kill -> HEAD says awaiting_resume, s: {spread(r['awaiting'])}")
             print(f"  kill -> resume accepted, s: {spread(r['resumed'])} ({len(r['resumed'])})")
+            print(f"  awaiting_resume -> accepted, ms: {spread(r['own'], 1000, '.0f')}")
             print(f"  bytes sent again: {spread(r['resent'], fmt='.0f')}")
             print(f"  resumes turned away: {turned}; adopted via: {adopted}")
     finally:
@@ -601,10 +624,12 @@ def run_kill(args: argparse.Namespace) -> int:
         meds = [median(r["resumed"]) for r in runs]
         p95s = [pct(r["resumed"], 0.95) for r in runs]
         resent = [median(r["resent"]) for r in runs]
+        own = [median(r["own"]) * 1000 for r in runs]
         print(
             f"over {len(runs)} runs: kill -> resume median of medians {median(meds):.2f} s "
             f"(runs {', '.join(f'{m:.2f}' for m in meds)}), p95 median {median(p95s):.2f} s; "
-            f"bytes sent again, median of medians {median(resent):.0f}"
+            f"bytes sent again, median of medians {median(resent):.0f}; awaiting_resume -> "
+            f"accepted, median of medians {median(own):.0f} ms"
         )
     bad = sum(r["lost"] + r["duplicated"] + r["gapped"] + len(r["failures"]) for r in runs)
     return 1 if bad else 0
@@ -636,6 +661,12 @@ def main() -> None:
         help="with --kill-worker: seconds after the last stream started",
     )
     p.add_argument(
+        "--kill-jitter",
+        type=float,
+        default=2.0,
+        help="with --kill-worker: plus up to this many seconds, at random (seeded)",
+    )
+    p.add_argument(
         "--lease",
         type=float,
         help="with --kill-worker: STREAMER_REDIS_LEASE_SECONDS (default: the server's, 5)",
@@ -646,6 +677,12 @@ def main() -> None:
         help="with --kill-worker: STREAMER_MODEL_OPTIONS (default: the dummy's own)",
     )
     p.add_argument("--runs", type=int, default=1, help="with --kill-worker: fresh deployments")
+    p.add_argument(
+        "--poll-ms",
+        type=float,
+        default=100,
+        help="with --kill-worker: a client's HEAD interval until awaiting_resume",
+    )
     args = p.parse_args()
     raise_fd_limit()
     if args.kill_worker:
