@@ -1,10 +1,11 @@
 """``streamer-client --resume`` survives the death of the worker running its session.
 
 Behind ``python -m service --workers 2`` (one port, Redis), the worker that owns the session is
-killed (SIGKILL) while the CLI streams at real time. The other worker goes on accepting on the
-shared listening socket, adopts the session once the dead owner's lease lapses (5 s, the
-default), and the supervisor replaces the dead worker. Guaranteed: the CLI exits 0 and prints
-exactly the events of an uncut run (nothing lost, nothing twice).
+killed (SIGKILL) while the CLI streams at real time, over chunked HTTP/1.1 or the WebSocket.
+The other worker goes on accepting on the shared listening socket, adopts the session once the
+dead owner's lease lapses (5 s, the default), and the supervisor replaces the dead worker.
+Guaranteed: the CLI exits 0 and prints exactly the events of an uncut run (nothing lost,
+nothing twice).
 
 And, without a server: while a dead owner's lease runs out the resume is turned away (421)
 for seconds; the CLI keeps trying for that long, rather than a fixed number of times."""
@@ -82,15 +83,17 @@ def _workers(server: Server) -> list[psutil.Process]:
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("transport", ["http1", "ws"])
 def test_cli_resumes_after_the_worker_running_its_session_is_killed(
-    redis_url: str, tmp_path: Path
+    redis_url: str, tmp_path: Path, transport: str
 ) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
     env = {"REDIS_URL": redis_url, "STREAMER_REDIS_PREFIX": prefix}
     server = start_server(tmp_path, env=env, args=["--workers", "2"])
     try:
         wav = str(_twice(tmp_path))
-        uncut = client("--url", server.url, "--json", "--resume", wav)
+        extra = ["--ws"] if transport == "ws" else []
+        uncut = client("--url", server.url, "--json", "--resume", *extra, wav)
         assert uncut.returncode == 0, uncut.stderr
         before = _workers(server)
         assert len(before) == 2
@@ -99,7 +102,7 @@ def test_cli_resumes_after_the_worker_running_its_session_is_killed(
         kill_at = max(c.create_time() for c in before) + STARTUP_FAILURE_S + 1.0
         time.sleep(max(0.0, kill_at - KILL_AFTER_S - time.time()))
 
-        args = ["--url", server.url, "--json", "--resume", "--real-time", wav]
+        args = ["--url", server.url, "--json", "--resume", "--real-time", *extra, wav]
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.client", *args],
             stdout=subprocess.PIPE,
