@@ -428,6 +428,7 @@ class SseEvent:
     data: str
     arrived: float  # time.time() when this process read the bytes that completed it
     kernel: float  # time.time() when the kernel received them (SO_TIMESTAMPNS): no client lag
+    id: str | None = None  # its ``id:`` field (the event's number in the session's log)
 
 
 class _TimestampedSocket:
@@ -509,14 +510,16 @@ async def sse_events(host: str, port: int, path: str) -> AsyncIterator[SseEvent]
             body = body.replace(b"\r\n", b"\n")
             while (end := body.find(b"\n\n")) >= 0:
                 block, body = body[:end], body[end + 2 :]
-                event, data_lines = "message", []
+                event, data_lines, event_id = "message", [], None
                 for line in block.decode().split("\n"):
                     if line.startswith("event:"):
                         event = line[6:].strip()
+                    elif line.startswith("id:"):
+                        event_id = line[3:].strip()
                     elif line.startswith("data:"):
                         data_lines.append(line[5:].lstrip(" "))
                 if data_lines:
-                    yield SseEvent(event, "\n".join(data_lines), arrived, kernel)
+                    yield SseEvent(event, "\n".join(data_lines), arrived, kernel, event_id)
             if ended:
                 return
             data, kernel = await reader.recv()

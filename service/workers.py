@@ -6,7 +6,9 @@ Redis. This parent only starts, watches and stops them: on SIGTERM or SIGINT eac
 own sessions (``end {reason: "shutdown"}``, written to Redis) and exits, and one that does not
 within the grace period is killed, so no worker is ever left running (hypercorn's own
 multi-process mode was seen leaving one behind). A worker that dies later is replaced; the
-sessions it ran end as ``worker_lost`` for their subscribers.
+sessions it ran end as ``worker_lost`` for their subscribers, except resumable ones, which
+another worker adopts from the audio journaled in Redis (docs/resume.md). The other workers
+keep accepting on the shared socket meanwhile.
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ def supervise(settings: Settings, config: Config) -> int:
         process.start()
         workers[process] = time.monotonic()
 
-    # Signals only set a flag and wake the wait below through this pipe: no polling.
+    # Signals only set a flag and wake the wait below through this pipe: no polling. Both ends
+    # non-blocking: the wait also wakes for a worker's exit, with no signal byte to read, and a
+    # blocking read there would hang the supervisor (the dead worker never reaped or replaced).
     stop = False
     wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
 
@@ -84,8 +89,8 @@ def supervise(settings: Settings, config: Config) -> int:
                     stop, exit_code = True, 1
                 else:
                     log.warning(
-                        "worker %s died (exit code %s); its sessions end as worker_lost; "
-                        "starting another",
+                        "worker %s died (exit code %s); its sessions end as worker_lost (resumable "
+                        "ones are adopted); starting another",
                         process.pid,
                         process.exitcode,
                     )

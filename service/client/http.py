@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 
 from service.client.options import ClientFailure, Options, Outcome
 from service.client.render import Renderer
-from service.client.resume import ReplayBuffer, server_offset
+from service.client.resume import RESUME_PATIENCE_S, ReplayBuffer, server_offset
 from service.client.retry import Retry
 from service.client.sse import iter_sse
 
@@ -31,6 +31,14 @@ CONNECT_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 60.0
 # Once the upload's response is in (it comes after the pipeline drained), ``end`` is on its way.
 END_AFTER_UPLOAD_S = 30.0
+# A resumed upload that fails sooner than this was turned away (421, or the connection closed
+# on it), not cut after it ran; the next attempt waits REFUSED_BACKOFF_S (growing), so that a
+# client does not hammer the workers while a dead owner's lease runs out (up to 5 s).
+REFUSED_WITHIN_S = 1.0
+REFUSED_BACKOFF_S = (0.0, 0.05, 0.1, 0.2, 0.5)
+# Upload answers after which a resumable session goes on elsewhere (its worker shut down and
+# handed it over, or lost Redis): resume, as after a cut.
+RESUMABLE_REFUSALS = frozenset({"shutting_down", "store_unavailable"})
 
 
 def describe_error(response: httpx.Response) -> str:
@@ -206,21 +214,37 @@ async def _upload_resuming(
     tg: TaskGroup,
 ) -> None:
     """``--resume``: upload; when the connection fails, ask where the server's bytes end and
-    upload the rest from there (``Upload-Offset``), until one upload finishes the audio."""
+    upload the rest from there (``Upload-Offset``), until one upload finishes the audio.
+
+    A resume can be turned away for a while: with several workers, another worker answers
+    ``421 session_elsewhere`` while the session's owner lives, and also while a dead owner's
+    lease runs out (``STREAMER_REDIS_LEASE_SECONDS``, 5 s by default) before a worker adopts
+    the session. Over HTTP/1.1 that 421 mostly arrives as a failed connection instead (the
+    server closes without reading the body it refused, and the reset discards its answer).
+    Either way the client tries again, waiting a little longer each time, for up to
+    ``RESUME_PATIENCE_S``."""
     replay = ReplayBuffer(audio)
     tg.start_soon(replay.fill)  # reads on while the connection is down
     offset, cuts = 0, 0
+    refused = _Refusals()
     problem = "the session did not end after the upload"
     while True:
         if not replay.holds(offset):
             problem = f"cannot resume at byte {offset}: no longer at hand"
             break
         headers = {"Upload-Offset": str(offset)}
+        began = anyio.current_time()
         try:
             response = await client.post(url, content=replay.from_offset(offset), headers=headers)
         except httpx.HTTPError as exc:
-            cuts += 1
-            renderer.note(f"upload cut at byte {replay.read} ({_text(exc)}); resuming")
+            if anyio.current_time() - began >= REFUSED_WITHIN_S:
+                refused.clear()  # it ran: a new cut, not a resume turned away
+            if refused.since is None:
+                cuts += 1
+                renderer.note(f"upload cut at byte {replay.read} ({_text(exc)}); resuming")
+            if not await refused.again():
+                problem = f"the upload could not be resumed: {_text(exc)}"
+                break
             try:
                 offset, state = await server_offset(client, url, renderer.note)
             except ClientFailure as failure:
@@ -234,11 +258,15 @@ async def _upload_resuming(
         if response.status_code == 409 and code == "offset_mismatch":
             offset = int(response.headers.get("upload-offset", "0"))
             continue
-        if response.status_code == 503 and code in RESUMABLE_REFUSALS and cuts < 50:
+        if response.status_code == 503 and code in RESUMABLE_REFUSALS:
             # Its worker shut down and handed the session over, or lost Redis (and with it the
             # session, which another worker adopts from what was kept): resume it.
-            cuts += 1
-            renderer.note(f"upload cut at byte {replay.read} ({code}); resuming")
+            if refused.since is None:
+                cuts += 1
+                renderer.note(f"upload cut at byte {replay.read} ({code}); resuming")
+            if not await refused.again():
+                problem = f"upload failed: {describe_error(response)}"
+                break
             try:
                 offset, state = await server_offset(client, url, renderer.note)
             except ClientFailure as failure:
@@ -247,13 +275,15 @@ async def _upload_resuming(
             if state == "ended":
                 problem = "the session ended before the upload could resume"
                 break
-            if state != "awaiting_resume":
-                await anyio.sleep(0.25)  # not adopted yet: the next try may reach the adopter
             continue
-        if response.status_code == 421 and code == "session_elsewhere" and cuts < 50:
-            cuts += 1  # another worker took the connection: a new one may reach the owner
-            await anyio.sleep(0.05)
-            continue
+        if response.status_code == 421 and code == "session_elsewhere":
+            # Another worker took the connection: a new one may reach the owner, or find the
+            # session adoptable once a dead owner's lease has lapsed.
+            if not refused.elsewhere:
+                refused.elsewhere = True
+                renderer.note("another worker runs the session (421); trying again")
+            if await refused.again():
+                continue
         if response.status_code >= 400:
             problem = f"upload failed: {describe_error(response)}"
         elif cuts:
@@ -266,8 +296,29 @@ async def _upload_resuming(
         tg.cancel_scope.cancel()
 
 
-# Upload answers after which a resumable session goes on elsewhere: resume, as after a cut.
-RESUMABLE_REFUSALS = frozenset({"shutting_down", "store_unavailable"})
+class _Refusals:
+    """Resume attempts turned away in a row (a 421, or a connection that failed at once):
+    each next one waits a little longer, and after ``RESUME_PATIENCE_S`` of them the client
+    gives up (the server's grace period, 60 s by default, ends the session about then)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.since: float | None = None
+        self.elsewhere = False  # a 421 among them (the user was told)
+
+    def clear(self) -> None:
+        self.count, self.since, self.elsewhere = 0, None, False
+
+    async def again(self) -> bool:
+        """Wait before the next attempt; False once patience has run out."""
+        now = anyio.current_time()
+        if self.since is None:
+            self.since = now
+        elif now - self.since > RESUME_PATIENCE_S:
+            return False
+        await anyio.sleep(REFUSED_BACKOFF_S[min(self.count, len(REFUSED_BACKOFF_S) - 1)])
+        self.count += 1
+        return True
 
 
 def _error_code(response: httpx.Response) -> str | None:

@@ -164,6 +164,7 @@ async def _resume_while_cut(
 ) -> None:
     deadline: float | None = None
     attempt, connections = 0, 0
+    told = ""  # the last reason noted: one note per outage and reason, not per attempt
     while True:
         try:
             await _resuming_connection(url, opts, state, renderer, outcome)
@@ -172,13 +173,15 @@ async def _resume_while_cut(
             if state.session_id is None:
                 raise ClientFailure(f"the connection to {url} failed: {cut}") from None
             if state.connections != connections:  # it was resumed since the last cut
-                connections, deadline, attempt = state.connections, None, 0
+                connections, deadline, attempt, told = state.connections, None, 0, ""
             now = anyio.current_time()
             deadline = deadline if deadline is not None else now + RESUME_PATIENCE_S
             if now > deadline:
                 outcome.failure = f"the connection could not be resumed: {cut}"
                 return
-            renderer.note(f"connection cut at byte {state.replay.read} ({cut}); resuming")
+            if str(cut) != told:
+                told = str(cut)
+                renderer.note(f"connection cut at byte {state.replay.read} ({cut}); resuming")
             await anyio.sleep(RESUME_BACKOFF_S[min(attempt, len(RESUME_BACKOFF_S) - 1)])
             attempt += 1
             continue
@@ -256,6 +259,11 @@ async def _receive_resuming(
                 if kind == "error" and event.get("code") == "offset_mismatch":
                     await ws.send(_resume_message(state, int(event["offset"])))
                     continue
+                if kind == "error" and event.get("code") == "session_elsewhere":
+                    # Another worker runs it (a new connection may reach that one), or its
+                    # owner died and its lease has not lapsed yet (seconds; a worker then
+                    # adopts it): connect again, as after a cut.
+                    return "another worker runs the session (session_elsewhere)"
                 if kind == "error":
                     why = f"{event.get('code')}: {event.get('message')}"
                     outcome.failure = f"the server refused: {why}"

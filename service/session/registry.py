@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
@@ -283,7 +283,7 @@ class Registry:
                     ErrorCode.SESSION_ENDED, "this session has ended; create a new one"
                 )
             # Its owner may have died: then the upload goes on here.
-            session = await self.adopt(session_id) or self.local(session_id)
+            session = await self.adopt(session_id, via="upload") or self.local(session_id)
             if session is None:
                 raise StreamerError(
                     ErrorCode.SESSION_ELSEWHERE,
@@ -298,12 +298,13 @@ class Registry:
         await session.resume_input(offset)
         return session
 
-    async def adopt(self, session_id: str) -> Session | None:
+    async def adopt(self, session_id: str, *, via: Literal["sweep", "upload"]) -> Session | None:
         """Take over a resumable session whose owner died (shared store): its pipeline runs
         here again over the audio received so far (kept in the store by the owner's
         journal), emitting only what its log lacks, and it waits for an upload that resumes
         it. None if it is not to be adopted (its owner lives, it ended, or this worker cannot
-        take it now)."""
+        take it now). ``via``: what found it (``sweep`` or a resuming ``upload``), for the
+        log."""
         if not self.accepting or not self.store.shared:
             return None
         if session_id in self._sessions:
@@ -330,6 +331,7 @@ class Registry:
                 "bytes": adoption.received,
                 "input_end": adoption.input_end,
                 "last_event_id": adoption.last_id,
+                "via": via,
             },
         )
         return session
@@ -358,7 +360,7 @@ class Registry:
                 ids = await self.store.orphans(ADOPT_AFTER_S, SWEEP_BATCH)
                 for session_id in ids:
                     if session_id not in self._sessions:
-                        await self.adopt(session_id)
+                        await self.adopt(session_id, via="sweep")
             except StoreUnavailable as exc:
                 if not failing:
                     log.warning("looking for sessions to adopt failed", extra={"error": str(exc)})

@@ -23,6 +23,7 @@ import psutil
 import pytest
 from websockets.asyncio.client import connect
 
+from service.workers import STARTUP_FAILURE_S
 from tests.conftest import DATA, ROOT, Server, start_server, stop_server
 from tests.sse_client import SseEvent, finals, iter_sse, read_all
 from tests.store.conftest import RedisServer
@@ -361,6 +362,33 @@ async def test_workers_flag_with_redis_serves_and_shuts_down_every_worker(
         assert server.process.wait(20) == 0, server.log()
         _, alive = psutil.wait_procs(children, timeout=5)
         assert not alive, f"left running after SIGTERM: {alive}"
+    finally:
+        stop_server(server)
+
+
+async def test_workers_supervisor_notices_a_worker_that_dies(
+    shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Regression: the supervisor woke for a worker's exit, then blocked reading its signal
+    pipe (no signal had written to it), so a dead worker was never reaped nor replaced. One
+    dead this soon after starting (within STARTUP_FAILURE_S) is taken for a startup failure:
+    the supervisor stops the other worker and exits 1. (A later death is replaced:
+    tests/client/test_cli_failover.py.)"""
+    server = start_server(tmp_path, env=shared_env, args=["--workers", "2"])
+    try:
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2
+        if time.time() - workers[0].create_time() > STARTUP_FAILURE_S - 2:
+            pytest.skip("the workers took too long to start for this test's premise")
+        workers[0].kill()
+        with anyio.fail_after(20):
+            while server.process.poll() is None:
+                await anyio.sleep(0.1)
+        assert server.process.returncode == 1, server.log()
+        assert f"worker {workers[0].pid} exited with -9" in server.log()
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"left running: {alive}"
     finally:
         stop_server(server)
 
