@@ -3,7 +3,8 @@
 Every worker is a whole server (its own models, registry and event loop) on the same inherited
 socket, so the kernel spreads connections between them, and all of them serve every session from
 Redis. This parent only starts, watches and stops them: on SIGTERM or SIGINT each worker ends its
-own sessions (``end {reason: "shutdown"}``, written to Redis) and exits, and one that does not
+own sessions (``end {reason: "shutdown"}``, written to Redis; resumable ones are handed over
+instead, for the next deployment's workers to adopt) and exits, and one that does not
 within the grace period is killed, so no worker is ever left running (hypercorn's own
 multi-process mode was seen leaving one behind). A worker that dies later is replaced; the
 sessions it ran end as ``worker_lost`` for their subscribers, except resumable ones, which
