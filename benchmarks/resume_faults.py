@@ -33,8 +33,11 @@ sessions whose event ids have gaps, the time from the kill to each resume being 
 bytes each client sent again (what it had sent minus the offset it resumed at), and how the
 sessions were adopted (the servers' logs: by a worker's sweep or by the resuming upload).
 The model is the seed's default dummy (``--model-options``): results in flight at the kill.
+``--signal TERM`` restarts the worker instead (a rolling deploy): it hands its sessions over,
+answering their uploads ``503 shutting_down``, and no lease has to lapse.
 
     .venv/bin/python benchmarks/resume_faults.py --kill-worker --streams 100 --runs 3
+    .venv/bin/python benchmarks/resume_faults.py --kill-worker --signal TERM --runs 3
 """
 
 from __future__ import annotations
@@ -412,6 +415,10 @@ async def resume_anywhere(
             result.turned_away["421"] += 1
             await asyncio.sleep(ELSEWHERE_PAUSE_S)
             continue
+        if status == 503 and code == "shutting_down":
+            # The restarting worker still answers during its grace period: another one.
+            result.turned_away["503 shutting_down"] += 1
+            continue
         raise RuntimeError(f"resume answered {status} {body[:200]!r}")
     raise RuntimeError("no worker took the resumed upload")
 
@@ -439,7 +446,11 @@ async def killed_stream(
             answer = await upload.answered()
             if answer is not None:
                 status, _, body = answer
-                raise RuntimeError(f"the upload was answered mid-stream: {status} {body[:200]!r}")
+                # A worker shutting down (--signal TERM) hands the session over: resume it.
+                if not (status == 503 and b"shutting_down" in body):
+                    raise RuntimeError(
+                        f"the upload was answered mid-stream: {status} {body[:200]!r}"
+                    )
             before = sent
             upload, offset, sent = await resume_anywhere(
                 dep, rot, path, audio, t0, chunk, chunk_s, result
@@ -529,7 +540,7 @@ async def kill_run(args: argparse.Namespace, servers: list[Server], n: int) -> d
 
     async def kill() -> None:
         await asyncio.sleep(args.ramp_s + kill_after)
-        os.kill(victim.pid, signal.SIGKILL)
+        os.kill(victim.pid, getattr(signal, f"SIG{args.signal}"))
         dep.killed_at = time.monotonic()
 
     t0 = time.monotonic()
@@ -572,7 +583,7 @@ def run_kill(args: argparse.Namespace) -> int:
     print(f"machine: {machine()}")
     print(
         f"{args.streams} streams x {args.seconds:g} s at real time, all uploading to 1 of "
-        f"{args.workers} workers, SIGKILLed {args.kill_after:g}-"
+        f"{args.workers} workers, SIG{args.signal}ed {args.kill_after:g}-"
         f"{args.kill_after + args.kill_jitter:g} s after the last started; "
         f"lease {lease}; model options {args.model_options}; clients HEAD every "
         f"{args.poll_ms:g} ms until awaiting_resume"
@@ -654,6 +665,12 @@ def main() -> None:
         help="SIGKILL the worker every upload goes to, instead of cutting connections",
     )
     p.add_argument("--workers", type=int, default=3, help="with --kill-worker: processes")
+    p.add_argument(
+        "--signal",
+        choices=["KILL", "TERM"],
+        default="KILL",
+        help="with --kill-worker: KILL (it dies) or TERM (a restart: it hands its sessions over)",
+    )
     p.add_argument(
         "--kill-after",
         type=float,
