@@ -234,38 +234,29 @@ async def _upload_resuming(
             break
         headers = {"Upload-Offset": str(offset)}
         began = anyio.current_time()
+        # Why the upload stopped short, if it did (for the user; and if resuming fails).
+        cut: tuple[str, str] | None = None
         try:
             response = await client.post(url, content=replay.from_offset(offset), headers=headers)
         except httpx.HTTPError as exc:
             if anyio.current_time() - began >= REFUSED_WITHIN_S:
                 refused.clear()  # it ran: a new cut, not a resume turned away
+            cut = _text(exc), f"the upload could not be resumed: {_text(exc)}"
+        else:
+            code = _error_code(response)
+            if response.status_code == 409 and code == "offset_mismatch":
+                offset = int(response.headers.get("upload-offset", "0"))
+                continue
+            if response.status_code == 503 and code in RESUMABLE_REFUSALS:
+                # Its worker shut down and handed the session over, or lost Redis (and with it
+                # the session, which another worker adopts from what was kept): resume it.
+                cut = str(code), f"upload failed: {describe_error(response)}"
+        if cut is not None:
             if refused.since is None:
                 cuts += 1
-                renderer.note(f"upload cut at byte {replay.read} ({_text(exc)}); resuming")
+                renderer.note(f"upload cut at byte {replay.read} ({cut[0]}); resuming")
             if not await refused.again():
-                problem = f"the upload could not be resumed: {_text(exc)}"
-                break
-            try:
-                offset, state = await server_offset(client, url, renderer.note)
-            except ClientFailure as failure:
-                problem = str(failure)
-                break
-            if state == "ended":
-                problem = "the session ended before the upload could resume"
-                break
-            continue
-        code = _error_code(response)
-        if response.status_code == 409 and code == "offset_mismatch":
-            offset = int(response.headers.get("upload-offset", "0"))
-            continue
-        if response.status_code == 503 and code in RESUMABLE_REFUSALS:
-            # Its worker shut down and handed the session over, or lost Redis (and with it the
-            # session, which another worker adopts from what was kept): resume it.
-            if refused.since is None:
-                cuts += 1
-                renderer.note(f"upload cut at byte {replay.read} ({code}); resuming")
-            if not await refused.again():
-                problem = f"upload failed: {describe_error(response)}"
+                problem = cut[1]
                 break
             try:
                 offset, state = await server_offset(client, url, renderer.note)

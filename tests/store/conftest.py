@@ -8,13 +8,16 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from service.settings import Settings
+from service.store.redis_store import RedisStore
 from tests.conftest import free_port
 
 
@@ -110,3 +113,31 @@ def own_redis() -> Iterator[RedisServer]:
 @pytest.fixture
 def prefix() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
+
+
+StoreFactory = Callable[..., RedisStore]
+
+
+@pytest.fixture
+async def make_store(redis_server: RedisServer, prefix: str) -> AsyncIterator[StoreFactory]:
+    """Stores of one deployment (one prefix), as several workers have, with a short lease;
+    closed after the test."""
+    stores: list[RedisStore] = []
+
+    def make(server: RedisServer | None = None, **overrides: Any) -> RedisStore:
+        values: dict[str, Any] = {
+            "redis_url": (server or redis_server).url,
+            "redis_prefix": prefix,
+            "redis_lease_seconds": 0.6,
+            "redis_poll_seconds": 0.1,
+            "redis_timeout_seconds": 1.0,
+            "retention_seconds": 30.0,
+            **overrides,
+        }
+        store = RedisStore(Settings(**values))
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.aclose()

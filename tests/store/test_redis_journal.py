@@ -12,9 +12,6 @@ its adoption rather than end it, for ``ADOPT_GIVE_UP_S``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
-
 import anyio
 import pytest
 
@@ -23,43 +20,18 @@ from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.progress import LoggedProgress
 from service.events.types import Active, Error, Event, Inactive, LoggedEvent, Segment
 from service.session.session import Counters, summarize
-from service.settings import Settings
 from service.store import JournalWrite, Lease, Renewal
 from service.store import redis_store as redis_store_module
 from service.store.redis_store import RedisStore
-from tests.store.conftest import RedisServer
+from tests.store.conftest import StoreFactory
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
-StoreFactory = Callable[..., RedisStore]
 EMPTY = summarize(Counters(), None)
-LEASE_S = 0.5
+LEASE_S = 0.6  # make_store's
 SID = "J" * 22
 # Every byte value: not text in any encoding a client could decode it with.
 BINARY = bytes(range(256)) + b"\xff\xfe\xc3\x28\x00\x80"
-
-
-@pytest.fixture
-async def make_store(redis_server: RedisServer, prefix: str) -> AsyncIterator[StoreFactory]:
-    stores: list[RedisStore] = []
-
-    def make(**overrides: Any) -> RedisStore:
-        values: dict[str, Any] = {
-            "redis_url": redis_server.url,
-            "redis_prefix": prefix,
-            "redis_lease_seconds": LEASE_S,
-            "redis_poll_seconds": 0.1,
-            "redis_timeout_seconds": 1.0,
-            "retention_seconds": 30.0,
-            **overrides,
-        }
-        store = RedisStore(Settings(**values))
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        await store.aclose()
 
 
 async def running(store: RedisStore, session_id: str = SID, *, resumable: bool = True) -> None:

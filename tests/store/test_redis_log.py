@@ -4,8 +4,6 @@ loss, retention, and Redis failures that must raise quickly instead of hanging."
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import anyio
 import pytest
@@ -14,38 +12,13 @@ from service.config import SessionConfig, parse_session_config
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
 from service.events.types import Active, End, Inactive, LoggedEvent, Segment
 from service.session.session import Counters, summarize
-from service.settings import Settings
 from service.store import Lease, Renewal
 from service.store.redis_store import RedisEventLog, RedisStore
-from tests.store.conftest import RedisServer
+from tests.store.conftest import RedisServer, StoreFactory
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
-StoreFactory = Callable[..., RedisStore]
 EMPTY = summarize(Counters(), None)
-
-
-@pytest.fixture
-async def make_store(redis_server: RedisServer, prefix: str) -> AsyncIterator[StoreFactory]:
-    stores: list[RedisStore] = []
-
-    def make(server: RedisServer | None = None, **overrides: Any) -> RedisStore:
-        values: dict[str, Any] = {
-            "redis_url": (server or redis_server).url,
-            "redis_prefix": prefix,
-            "redis_lease_seconds": 0.6,
-            "redis_poll_seconds": 0.1,
-            "redis_timeout_seconds": 1.0,
-            "retention_seconds": 30.0,
-            **overrides,
-        }
-        store = RedisStore(Settings(**values))
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        await store.aclose()
 
 
 async def started(store: RedisStore, session_id: str = "S" * 22) -> RedisEventLog:
