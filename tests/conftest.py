@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 DATA = Path(__file__).parent / "data"
@@ -108,3 +109,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture
 def speech_wav() -> Path:
     return DATA / "speech.wav"
+
+
+def worker_processes(server: Server) -> list[psutil.Process]:
+    """The live worker processes of a ``--workers N`` server (not a dead one it has not reaped)."""
+    found = []
+    for child in psutil.Process(server.process.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue  # gone meanwhile
+    return found

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import anyio
 import httpx
-import psutil
 import pytest
 import redis
 
@@ -37,7 +36,7 @@ from service.client.options import Options, Outcome
 from service.client.render import Renderer
 from service.workers import STARTUP_FAILURE_S
 from tests.client.test_cli import client
-from tests.conftest import DATA, ROOT, Server, start_server, stop_server
+from tests.conftest import DATA, ROOT, start_server, stop_server, worker_processes
 from tests.store.conftest import RedisServer, redis_binary
 
 # When the owner dies, this far into the stream (its first results are out by then).
@@ -70,18 +69,6 @@ def _twice(tmp: Path) -> Path:
     return path
 
 
-def _workers(server: Server) -> list[psutil.Process]:
-    """The supervisor's live worker processes (not a dead one it has not reaped)."""
-    found = []
-    for child in psutil.Process(server.process.pid).children():
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            continue  # gone meanwhile
-    return found
-
-
 @pytest.mark.redis
 @pytest.mark.parametrize(
     ("transport", "stop"),
@@ -102,7 +89,7 @@ def test_cli_resumes_after_the_worker_running_its_session_is_killed(
         extra = ["--ws"] if transport == "ws" else []
         uncut = client("--url", server.url, "--json", "--resume", *extra, wav)
         assert uncut.returncode == 0, uncut.stderr
-        before = _workers(server)
+        before = worker_processes(server)
         assert len(before) == 2
         # The supervisor takes a worker that dies within STARTUP_FAILURE_S of starting for a
         # configuration error and stops everything: the owner dies later than that.
@@ -161,10 +148,10 @@ def test_cli_resumes_after_the_worker_running_its_session_is_killed(
             assert "session handed over to another worker" in server.log()
         # The supervisor noticed the death and started another worker in its place.
         deadline = time.monotonic() + 30
-        while len(_workers(server)) < 2:
+        while len(worker_processes(server)) < 2:
             assert time.monotonic() < deadline, f"no worker replaced the dead one:\n{server.log()}"
             time.sleep(0.1)
-        assert pid not in {c.pid for c in _workers(server)}
+        assert pid not in {c.pid for c in worker_processes(server)}
         assert "starting another" in server.log()
     finally:
         stop_server(server)

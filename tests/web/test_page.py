@@ -10,7 +10,11 @@ Every wait is bounded by a Playwright timeout; a test that hangs fails within ``
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
+import uuid
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +23,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis
 
-from tests.conftest import DATA, ROOT, Server, start_server, stop_server
+from service.workers import STARTUP_FAILURE_S
+from tests.conftest import DATA, ROOT, Server, start_server, stop_server, worker_processes
+from tests.store.conftest import RedisServer, redis_binary
 from tests.web.dropping_proxy import DroppingProxy
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -528,3 +535,46 @@ def test_recording_over_http2_fetch_survives_a_dropped_connection(
     assert page.evaluate("() => window.streamer.uploadResumes") == 1
     assert_one_final_per_utterance(result)
     assert_sent_as_pcm(page, https_server)
+
+
+@pytest.mark.redis
+def test_recording_survives_the_death_of_its_worker(page: Any, tmp_path: Path) -> None:
+    """Behind ``--workers 2`` with Redis (the kernel spreads connections, as a load balancer
+    would), the worker running the page's session is SIGKILLed after the first final. The page
+    keeps recording, resumes on the other worker once that one adopts the session (after the
+    dead one's lease, 5 s), and the session completes with one final per utterance, every
+    event shown once and every captured sample received once."""
+    binary = redis_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    store = RedisServer(binary)
+    store.start()
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    env = {"REDIS_URL": store.url, "STREAMER_REDIS_PREFIX": prefix}
+    server = start_server(tmp_path, env=env, args=["--workers", "2"])
+    try:
+        # The supervisor takes a worker dying within STARTUP_FAILURE_S of its start for a
+        # configuration error and stops everything: record once that has passed.
+        workers = worker_processes(server)
+        assert len(workers) == 2
+        started = max(w.create_time() for w in workers)
+        time.sleep(max(0.0, started + STARTUP_FAILURE_S - time.time()))
+        open_page(page, server)
+
+        def kill_owner() -> None:
+            session_id = page.get_attribute("main", "data-session")
+            client = redis.Redis.from_url(store.url, decode_responses=True, socket_timeout=5)
+            owner = client.hget(f"{prefix}:{{{session_id}}}:session", "owner")
+            client.close()
+            assert isinstance(owner, str) and owner
+            os.kill(int(owner.split(":")[1]), signal.SIGKILL)  # the worker id is host:pid:...
+            page.wait_for_function("() => window.streamer.uploadResumes >= 1", timeout=WAIT_MS)
+
+        result = record(page, "microphone-worker-killed", kill_owner, shot_when="#timeline .bar")
+        assert page.evaluate("() => window.streamer.uploadResumes") >= 1
+        assert_one_final_per_utterance(result)
+        assert_sent_as_pcm(page, server)
+        assert "adopted a session whose worker died" in server.log()
+    finally:
+        stop_server(server)
+        store.stop()
