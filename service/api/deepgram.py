@@ -29,16 +29,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 from starlette.responses import JSONResponse
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from service.api.deepgram_audio import RawConverter
 from service.api.deepgram_messages import Translator
 from service.api.deepgram_params import ListenOptions, parse_listen_params
-from service.api.websocket import close_dropped
+from service.api.websocket import CLOSE_TIMEOUT_S, ClientSocket
 from service.errors import ErrorCode, StoreUnavailable, StreamerError
-from service.events.encode import to_json
 from service.events.types import Error
 from service.session.registry import Registry
 from service.session.session import EndReason, InputClosed, Session
@@ -51,8 +49,6 @@ NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
-# How long to wait for the client's close frame after ours (RFC 6455 closing handshake).
-CLOSE_TIMEOUT_S = 5.0
 # A close frame's reason is at most 123 bytes.
 MAX_REASON_BYTES = 123
 # Audio the decoder cannot take: Deepgram closes with 1008 and DATA-0000.
@@ -115,25 +111,23 @@ def _is_channel(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-class Listener:
+class Listener(ClientSocket):
     """One ``/v1/listen`` connection: a receiver feeding the session and a sender following its
     log, in one task group."""
+
+    kind = "deepgram"
 
     def __init__(
         self, websocket: WebSocket, session: Session, options: ListenOptions, settings: Settings
     ) -> None:
-        self.ws = websocket
+        super().__init__(websocket, settings)
         self.session = session
         self.options = options
-        self.settings = settings
         self.translator = Translator(session.id, options, settings.model, _version())
         self.converter = RawConverter(options.raw) if options.raw is not None else None
         self.created = datetime.now(UTC)
         self._sha256 = hashlib.sha256()
         self.closing = False  # the input has ended: what the client sends now is ignored
-        self.gone = False  # nothing can be sent any more
-        self.dropped = False  # ... because a send to it blocked past the send timeout
-        self._tg: TaskGroup | None = None
 
     async def run(self) -> None:
         try:
@@ -145,8 +139,7 @@ class Listener:
             # However the connection ends, the session may not wait for input that will never
             # come; after CloseStream this changes nothing.
             self.session.close_input(EndReason.CLIENT_DISCONNECTED)
-        if self.dropped:
-            await close_dropped(self.ws, self.settings.idle_timeout_seconds)
+        await self._close_if_dropped()
 
     @property
     def channels(self) -> int:
@@ -233,11 +226,6 @@ class Listener:
         self.closing = True
         self.session.close_input(EndReason.COMPLETED)
 
-    def _client_gone(self) -> None:
-        self.gone = True
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-
     # -- sending -------------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
@@ -266,20 +254,6 @@ class Listener:
             await anyio.sleep(CLOSE_TIMEOUT_S)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-
-    async def _send(self, data: dict[str, Any]) -> None:
-        if self.gone:
-            return
-        # A client that stops reading is dropped, like an SSE reader: the log keeps everything.
-        with anyio.move_on_after(self.settings.sse_send_timeout_seconds) as scope:
-            try:
-                await self.ws.send_text(to_json(data))
-            except WebSocketDisconnect:
-                self._client_gone()
-        if scope.cancelled_caught:
-            log.warning("deepgram client stopped reading; dropping the connection")
-            self.dropped = True
-            self._client_gone()
 
 
 async def listen(websocket: WebSocket) -> None:

@@ -51,6 +51,7 @@ from service.events.encode import to_json
 from service.events.types import Error
 from service.session.registry import Registry
 from service.session.session import EndReason, InputClosed, Session, Upload
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,45 @@ async def close_dropped(ws: WebSocket, idle_s: float) -> None:
         tg.cancel_scope.cancel()
 
 
+class ClientSocket:
+    """What ``/v1/ws`` and Deepgram's ``/v1/listen`` do alike with their client: send it JSON,
+    drop it once it stops reading (like an SSE reader: the logs keep everything for it), and
+    stop the connection's task group once nothing can reach it any more."""
+
+    kind = "websocket"  # for the log
+
+    def __init__(self, websocket: WebSocket, settings: Settings) -> None:
+        self.ws = websocket
+        self.settings = settings
+        self.gone = False  # the client left: nothing can be sent any more
+        self.dropped = False  # ... because a send to it blocked past the send timeout
+        self._tg: TaskGroup | None = None
+
+    def _client_gone(self) -> None:
+        """Nothing can reach the client any more; sessions drain into their logs regardless
+        (their input is ended where the connection's ``run`` ends)."""
+        self.gone = True
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+
+    async def _send(self, data: Mapping[str, Any]) -> None:
+        if self.gone:
+            return
+        with anyio.move_on_after(self.settings.sse_send_timeout_seconds) as scope:
+            try:
+                await self.ws.send_text(to_json(data))
+            except WebSocketDisconnect:
+                self._client_gone()
+        if scope.cancelled_caught:
+            log.warning("%s client stopped reading; dropping the connection", self.kind)
+            self.dropped = True
+            self._client_gone()
+
+    async def _close_if_dropped(self) -> None:
+        if self.dropped:
+            await close_dropped(self.ws, self.settings.idle_timeout_seconds)
+
+
 @dataclass(frozen=True, slots=True)
 class _Frame:
     """A message of the connection itself (not from a session log)."""
@@ -127,21 +167,17 @@ def _http_base(websocket: WebSocket) -> str:
     return str(websocket.base_url).rstrip("/").replace("ws", "http", 1)
 
 
-class Connection:
+class Connection(ClientSocket):
     def __init__(self, websocket: WebSocket, registry: Registry, dialect: Dialect) -> None:
-        self.ws = websocket
+        super().__init__(websocket, registry.runtime.settings)
         self.registry = registry
         self.dialect = dialect
-        self.settings = registry.runtime.settings
         self.config: SessionConfig | None = None  # from the last start; reused after a flush
         self.current: Session | None = None  # the session taking audio now
         self.upload: Upload | None = None  # this connection's turn at the current session
         self.closing = False
-        self.gone = False  # the client left: nothing can be sent any more
-        self.dropped = False  # ... because a send to it blocked past the send timeout
         self._close: tuple[int, str] = (NORMAL_CLOSURE, "")
         self._outbox, self._outbox_out = anyio.create_memory_object_stream[_Outgoing](OUTBOX_SIZE)
-        self._tg: TaskGroup | None = None
 
     async def run(self) -> None:
         try:
@@ -157,8 +193,7 @@ class Connection:
             # However the connection ends (even cancelled by the server), no session may be
             # left waiting for input that will never come.
             self._flush(EndReason.CLIENT_DISCONNECTED)
-        if self.dropped:
-            await close_dropped(self.ws, self.settings.idle_timeout_seconds)
+        await self._close_if_dropped()
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -342,16 +377,6 @@ class Connection:
             await self._report(error)
         self._begin_close(error.ws_close, error.code.value)
 
-    def _client_gone(self) -> None:
-        """Nothing can reach the client any more; sessions drain into their logs regardless.
-
-        The current session's input is ended in one place, ``run``'s ``finally``, once the
-        receiver has stopped (a chunk it was handing over is delivered either way: see
-        ``Session.write``)."""
-        self.gone = True
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-
     async def _watch_shutdown(self) -> None:
         await self.ws.app.state.shutdown_event.wait()
         self._begin_close(GOING_AWAY, ErrorCode.SHUTTING_DOWN.value)
@@ -450,21 +475,6 @@ class Connection:
             shutdown = session.end_reason is EndReason.SHUTDOWN
             reason = session.end_reason.value if session.end_reason else ""
             self._begin_close(GOING_AWAY if shutdown else NORMAL_CLOSURE, reason)
-
-    async def _send(self, data: Mapping[str, Any]) -> None:
-        if self.gone:
-            return
-        # A reader that stops reading is dropped after this, like an SSE reader; the logs keep
-        # everything for it to fetch later.
-        with anyio.move_on_after(self.settings.sse_send_timeout_seconds) as scope:
-            try:
-                await self.ws.send_text(to_json(data))
-            except WebSocketDisconnect:
-                self._client_gone()
-        if scope.cancelled_caught:
-            log.warning("websocket client stopped reading; dropping the connection")
-            self.dropped = True
-            self._client_gone()
 
 
 def endpoint(dialect: Dialect) -> Callable[[WebSocket], Awaitable[None]]:

@@ -72,6 +72,18 @@ class Whisper:
         self.word_timestamps = word_timestamps
         self.max_batch_size = max_batch_size
 
+    def _decoding(self) -> dict[str, Any]:
+        """What every transcribe call gets: our options, timestamps, and no second VAD (the
+        utterance was cut by ours)."""
+        return {
+            "language": self.language,
+            "beam_size": self.beam_size,
+            "word_timestamps": self.word_timestamps,
+            "without_timestamps": False,
+            "vad_filter": False,
+            "temperature": self.temperature,
+        }
+
     # ------------------------------------------------------------------ one utterance
 
     def infer(self, audio: Samples) -> Mapping[str, Any]:
@@ -80,14 +92,9 @@ class Whisper:
             return self._empty()
         segments, info = self._model.transcribe(
             samples,
-            language=self.language,
-            beam_size=self.beam_size,
-            word_timestamps=self.word_timestamps,
-            # One utterance, cut by our VAD: no second VAD, no text carried between windows.
-            vad_filter=False,
+            **self._decoding(),
+            # No text carried between windows: the utterance is all there is.
             condition_on_previous_text=False,
-            without_timestamps=False,
-            temperature=self.temperature,
         )
         # ``segments`` is a generator: the decoding happens while it is consumed.
         found = [_Shifted(segment, 0.0) for segment in segments]
@@ -133,14 +140,9 @@ class Whisper:
         pipeline = BatchedInferencePipeline(self._model)
         segments, info = pipeline.transcribe(
             buffer,
-            language=self.language,
-            beam_size=self.beam_size,
-            word_timestamps=self.word_timestamps,
-            without_timestamps=False,
-            vad_filter=False,
+            **self._decoding(),  # (of ``temperature`` the batched path only uses the first)
             clip_timestamps=clips,
             batch_size=len(audios),
-            temperature=self.temperature,  # the batched path only ever uses the first
         )
         per_audio: list[list[Any]] = [[] for _ in audios]
         frames_per_window = WINDOW_SECONDS * self._model.frames_per_second

@@ -359,8 +359,7 @@ class Registry:
             try:
                 ids = await self.store.orphans(ADOPT_AFTER_S, SWEEP_BATCH)
                 for session_id in ids:
-                    if session_id not in self._sessions:
-                        await self.adopt(session_id, via="sweep")
+                    await self.adopt(session_id, via="sweep")
             except StoreUnavailable as exc:
                 if not failing:
                     log.warning("looking for sessions to adopt failed", extra={"error": str(exc)})

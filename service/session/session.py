@@ -159,7 +159,6 @@ class Session:
         # An adopted session: what its log holds already, and whether the audio received
         # before the adoption has all gone into the pipeline again.
         self._logged: LoggedProgress | None = None
-        self._replaying = False
         self._replayed = anyio.Event()
         self._replayed.set()
         self._adopted_end: EndReason | None = None
@@ -209,7 +208,6 @@ class Session:
             logged.errors,
         )
         c.events = adoption.last_id
-        self._replaying = True
         self._replayed = anyio.Event()
         if adoption.input_end is not None:
             self._adopted_end = EndReason(adoption.input_end)
@@ -375,7 +373,7 @@ class Session:
                     self._sending = False
                     self._sent.set()
                     self._sent = anyio.Event()
-                    if self._input_reason is not None and not self._replaying:
+                    if self._input_reason is not None and self._replayed.is_set():
                         self._input.close()  # closed while this chunk waited: close now
                     self._arrivals.ring()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -388,7 +386,7 @@ class Session:
             if self.journal is not None and self._input is not None and not self._handoff:
                 # An adopter ends it the same way, after its audio, not waiting for an upload.
                 self.journal.end(self.id, self.counters.bytes_in, reason.value)
-        if self._input is not None and not self._sending and not self._replaying:
+        if self._input is not None and not self._sending and self._replayed.is_set():
             # Else once the chunk in hand-off is delivered (_send), or the audio received
             # before an adoption has all gone in (_replay).
             self._input.close()
@@ -491,7 +489,6 @@ class Session:
         except InputClosed:
             pass  # the pipeline stopped (cancelled, or the audio's own end)
         finally:
-            self._replaying = False
             self._replayed.set()
             if self._input_reason is not None and self._input is not None and not self._sending:
                 self._input.close()  # its input ended meanwhile: now that everything is in
